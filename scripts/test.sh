@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: installs (idempotently), lints, runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"

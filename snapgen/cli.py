@@ -1,0 +1,250 @@
+"""``snapgen``: the command line. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a traceback, exit status 2."""
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        return value
+
+    return parse
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate images from text prompts")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
+    p.add_argument("--prompt-file", type=Path, help="one prompt per line; writes DIR/0000.png, 0001.png, ...")
+    p.add_argument("--out", type=Path, help="output PNG for a single prompt (default: out.png)")
+    p.add_argument("--out-dir", type=Path, help="output directory for --prompt-file")
+    p.add_argument("--model", type=Path, help="model directory (default: the embedded default model)")
+    p.add_argument("--seed", type=_positive_int("--seed"), default=0, help="seed; image i uses seed + i")
+    p.add_argument("--steps", type=_positive_int("--steps"), help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=_positive_int("--height"))
+    p.add_argument("--width", type=_positive_int("--width"))
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="describe a named config or a saved model")
+    p.add_argument("--config", help="a named U-Net config (see `snapgen info --list`)")
+    p.add_argument("--model", type=Path, help="a model directory (default: the embedded default model)")
+    p.add_argument("--list", action="store_true", help="list the named configs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+
+def _add_init_model(sub):
+    p = sub.add_parser(
+        "init-model",
+        help="save a randomly initialised model directory (for tests and trying the plumbing)",
+    )
+    p.add_argument("--config", default="snapgen-tiny", help="a named U-Net config using the MiniLM text encoder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4, help="default sampling steps stored in the model")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_init_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snapgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_info(sub)
+    _add_init_model(sub)
+    return parser
+
+
+def _load(model: Path | None, device: str):
+    from .model_dir import ModelDirectoryError, default_model_dir, load_pipeline
+
+    directory = model if model is not None else default_model_dir()
+    if not directory.exists():
+        if model is None:
+            raise CLIError(
+                f"the embedded default model is not installed at {directory}; pass --model DIR "
+                "(a random test model: `snapgen init-model --out DIR`)"
+            )
+        raise CLIError(f"--model {model}: no such directory")
+    try:
+        return load_pipeline(directory, device=device)
+    except (ModelDirectoryError, FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--model {directory}: {e}") from None
+
+
+def _write_png_atomically(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from .pipeline import InvalidRequestError
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise CLIError("give exactly one of PROMPT or --prompt-file")
+    if args.prompt_file is not None:
+        if args.out_dir is None:
+            raise CLIError("--prompt-file needs --out-dir")
+        if not args.prompt_file.is_file():
+            raise CLIError(f"--prompt-file {args.prompt_file}: no such file")
+        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise CLIError(f"--prompt-file {args.prompt_file}: no prompts in it")
+        outputs = [args.out_dir / f"{i:04d}.png" for i in range(len(prompts))]
+    else:
+        prompts = [args.prompt]
+        outputs = [args.out or Path("out.png")]
+        if outputs[0].suffix.lower() != ".png":
+            raise CLIError(f"--out {outputs[0]}: only .png output is supported")
+
+    pipeline = _load(args.model, args.device)
+    height = args.height or pipeline.default_size[0]
+    width = args.width or pipeline.default_size[1]
+    settings = dict(steps=args.steps, guidance_scale=args.guidance, height=height, width=width)
+    try:
+        # Validate everything before the first image, so a bad prompt on line 900 fails now.
+        pipeline.validate(
+            prompts,
+            args.steps or pipeline.sampler.default_steps,
+            pipeline.sampler.guidance_scale if args.guidance is None else args.guidance,
+            height,
+            width,
+            [args.seed + i for i in range(len(prompts))],
+        )
+    except InvalidRequestError as e:
+        flag = {"prompt": "prompt", "guidance_scale": "--guidance", "size": "--height/--width"}.get(
+            e.field, f"--{e.field}"
+        )
+        raise CLIError(f"{flag}: {e.message}") from None
+
+    steps = args.steps or pipeline.sampler.default_steps
+    with tqdm(total=len(prompts) * steps, unit="step", disable=None, desc="sampling") as bar:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            result = pipeline(
+                batch,
+                seeds=args.seed + start,
+                negative_prompt=args.negative_prompt,
+                on_step=lambda i, n, x, k=len(batch): bar.update(k),
+                **settings,
+            )
+            for image, path in zip(result.images, outputs[start : start + len(batch)]):
+                _write_png_atomically(image, path)
+    where = outputs[0] if len(outputs) == 1 else args.out_dir
+    print(f"wrote {len(outputs)} image(s) to {where}")
+
+
+def cmd_info(args) -> None:
+    from .models.configs import UNET_CONFIGS
+
+    if args.list:
+        info = {"configs": sorted(UNET_CONFIGS)}
+    elif args.config:
+        if args.config not in UNET_CONFIGS:
+            raise CLIError(f"--config {args.config!r}: unknown; choose one of {', '.join(sorted(UNET_CONFIGS))}")
+        info = describe_config(args.config)
+    else:
+        from .model_dir import default_model_dir, describe_model
+
+        directory = args.model or default_model_dir()
+        if not directory.exists():
+            raise CLIError(f"model directory {directory} does not exist")
+        try:
+            info = describe_model(directory)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--model {directory}: {e}") from None
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for key, value in info.items():
+            if not isinstance(value, dict):
+                print(f"{key}: {value}")
+
+
+def describe_config(name: str) -> dict:
+    """Parameter counts of a named config, built on the meta device (no weights allocated)."""
+    from .models.configs import build_unet, count_parameters, unet_config
+    from .models.tiny_decoder import TinyDecoder
+
+    config = unet_config(name)
+    unet = build_unet(config, device="meta")
+    with __import__("torch").device("meta"):
+        decoder = TinyDecoder(latent_channels=config["in_channels"])
+    return {
+        "config": name,
+        "unet_params": count_parameters(unet),
+        "decoder_params": count_parameters(decoder),
+        "unet_config": config,
+    }
+
+
+def cmd_init_model(args) -> None:
+    import torch
+
+    from .model_dir import save_model
+    from .models.configs import build_unet, unet_config
+    from .models.tiny_decoder import TinyDecoder
+    from .sampling import SamplerConfig
+    from .text import MiniLMTextEncoder
+
+    try:
+        config = unet_config(args.config)
+    except ValueError as e:
+        raise CLIError(f"--config: {e}") from None
+    text_encoder = MiniLMTextEncoder()
+    if config["cross_attention_dim"] != text_encoder.token_dim:
+        raise CLIError(
+            f"--config {args.config}: its text width {config['cross_attention_dim']} needs CLIP/Gemma encoders "
+            f"from local weights; init-model builds MiniLM models only (text width {text_encoder.token_dim})"
+        )
+    if args.out.exists() and not args.force:
+        raise CLIError(f"--out {args.out} already exists; pass --force to replace it")
+    torch.manual_seed(args.seed)
+    unet = build_unet(config)
+    decoder = TinyDecoder.for_latents(latent_channels=config["in_channels"], upsample_factor=8)
+    sampler = SamplerConfig(default_steps=args.steps, guidance_scale=1.0)
+    path = save_model(args.out, unet, decoder, text_encoder, sampler, overwrite=args.force)
+    print(f"saved a randomly initialised {args.config} model to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CLIError as e:
+        print(f"snapgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Model directories: where the default model lives, and how a pipeline is saved and loaded.
+
+Layout (diffusers-style)::
+
+    model_index.json            # component classes, resolutions, latent factor, version
+    unet/                       # SnapGenUNet: config.json + diffusion_pytorch_model.safetensors
+    decoder/                    # TinyDecoder | SmallAutoencoder | AutoencoderKL | AutoencoderTiny
+    text_encoder/               # config.json (+ merge.safetensors for merged encoders)
+    scheduler/                  # scheduler_config.json (steps, guidance, shift, distilled times)
+
+Saving writes into a temporary sibling directory and renames it into place, so a crash never
+leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .models.autoencoder import LatentDecoder, load_decoder
+from .models.unet import SnapGenUNet
+from .pipeline import SnapGenPipeline
+from .sampling import SAMPLER_CONFIG_NAME, SamplerConfig
+from .text import TextEncoder, load_text_encoder, save_text_encoder
+
+MODEL_INDEX = "model_index.json"
+COMPONENTS = ("unet", "decoder", "text_encoder", "scheduler")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "snapgen-shapes"
+
+
+class ModelDirectoryError(FileNotFoundError):
+    pass
+
+
+def default_model_dir() -> Path:
+    """The embedded default model (``SNAPGEN_MODEL`` overrides it)."""
+    override = os.environ.get("SNAPGEN_MODEL")
+    return Path(override).resolve() if override else DEFAULT_MODEL_DIR
+
+
+def latent_factor(decoder: LatentDecoder) -> int:
+    """Pixels per latent cell along each side, read from the wrapped decoder's config."""
+    cfg = decoder.model.config if hasattr(decoder.model, "config") else None
+    if decoder.class_name == "TinyDecoder":
+        return int(cfg.upsample_factor)
+    if decoder.class_name == "SmallAutoencoder":
+        return int(decoder.model_config["downsample_factor"])
+    if decoder.class_name == "AutoencoderTiny":
+        return int(cfg.upsampling_scaling_factor)
+    return 2 ** (len(cfg.block_out_channels) - 1)  # AutoencoderKL
+
+
+def check_model_dir(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not (directory / MODEL_INDEX).is_file():
+        raise ModelDirectoryError(f"{directory} is not a snapgen model directory: {MODEL_INDEX} is missing")
+    missing = [c for c in COMPONENTS if not (directory / c).is_dir()]
+    if missing:
+        raise ModelDirectoryError(
+            f"model directory {directory} is missing component(s) {', '.join(missing)}; "
+            f"a model directory needs {', '.join(COMPONENTS)}"
+        )
+    return directory
+
+
+def read_model_index(directory: str | Path) -> dict:
+    return json.loads((check_model_dir(directory) / MODEL_INDEX).read_text())
+
+
+def save_model(
+    directory: str | Path,
+    unet: SnapGenUNet,
+    decoder_model: torch.nn.Module,
+    text_encoder: TextEncoder,
+    sampler: SamplerConfig,
+    resolutions: list[tuple[int, int]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete model directory atomically. ``decoder_model`` is the raw ModelMixin."""
+    directory = Path(directory).resolve()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --force) to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        decoder_model.save_pretrained(staging / "decoder", safe_serialization=True)
+        save_text_encoder(text_encoder, staging / "text_encoder")
+        sampler.save(staging / "scheduler")
+        decoder = load_decoder(staging / "decoder")
+        factor = latent_factor(decoder)
+        native = unet.config.sample_size * factor
+        index = {
+            "_class_name": "SnapGenPipeline",
+            "_snapgen_version": __version__,
+            "unet": ["snapgen.models", type(unet).__name__],
+            "decoder": [type(decoder_model).__module__.split(".")[0], type(decoder_model).__name__],
+            "text_encoder": ["snapgen.text", type(text_encoder).__name__],
+            "scheduler": ["snapgen.sampling", "SamplerConfig"],
+            "latent_factor": factor,
+            "resolutions": [list(r) for r in (resolutions or [(native, native)])],
+        }
+        (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_pipeline(
+    directory: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SnapGenPipeline:
+    """Load a model directory (the embedded default when ``directory`` is None)."""
+    directory = Path(directory) if directory is not None else default_model_dir()
+    index = read_model_index(directory)
+    unet = SnapGenUNet.from_pretrained(directory / "unet", use_safetensors=True)
+    decoder = load_decoder(directory / "decoder")
+    text_encoder = load_text_encoder(directory / "text_encoder")
+    sampler = SamplerConfig.load(directory / "scheduler")
+    pipeline = SnapGenPipeline(
+        unet,
+        decoder,
+        text_encoder,
+        sampler,
+        latent_factor=int(index["latent_factor"]),
+        resolutions=[tuple(r) for r in index.get("resolutions", [])] or None,
+    )
+    pipeline.model_dir = directory.resolve()
+    return pipeline.to(device=device, dtype=dtype)
+
+
+def weight_files(directory: str | Path) -> dict[str, str]:
+    """sha256 of every weight file in the model directory, keyed by relative path."""
+    directory = Path(directory)
+    digests = {}
+    for path in sorted(directory.rglob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests[str(path.relative_to(directory))] = h.hexdigest()
+    return digests
+
+
+def describe_model(directory: str | Path) -> dict:
+    """What ``snapgen info --model`` prints: path, params per component, configs, weight hashes."""
+    directory = check_model_dir(directory).resolve()
+    pipeline = load_pipeline(directory)
+    params = {
+        "unet": sum(p.numel() for p in pipeline.unet.parameters()),
+        "decoder": sum(p.numel() for p in pipeline.decoder.parameters()),
+        "text_encoder": sum(p.numel() for p in pipeline.text_encoder.parameters()),
+    }
+    return {
+        "model_dir": str(directory),
+        "unet_params": params["unet"],
+        "decoder_params": params["decoder"],
+        "params": params,
+        "model_index": read_model_index(directory),
+        "config": {
+            "unet": dict(pipeline.unet.config),
+            "decoder": dict(pipeline.decoder.model.config) if hasattr(pipeline.decoder.model, "config") else {},
+            "text_encoder": json.loads((directory / "text_encoder" / "config.json").read_text()),
+            "scheduler": json.loads((directory / "scheduler" / SAMPLER_CONFIG_NAME).read_text()),
+        },
+        "sha256": weight_files(directory),
+    }

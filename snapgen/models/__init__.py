@@ -1,0 +1,1 @@
+"""SnapGen models: U-Net, tiny decoder and small autoencoder."""
