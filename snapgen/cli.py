@@ -128,13 +128,15 @@ def cmd_generate(args) -> None:
     pipeline = _load(args.model, args.device)
     height = args.height or pipeline.default_size[0]
     width = args.width or pipeline.default_size[1]
-    settings = dict(steps=args.steps, guidance_scale=args.guidance, height=height, width=width)
+    steps = pipeline.sampler.default_steps if args.steps is None else args.steps
+    guidance = pipeline.sampler.guidance_scale if args.guidance is None else args.guidance
+    settings = dict(steps=steps, guidance_scale=guidance, height=height, width=width)
     try:
         # Validate everything before the first image, so a bad prompt on line 900 fails now.
         pipeline.validate(
             prompts,
-            args.steps or pipeline.sampler.default_steps,
-            pipeline.sampler.guidance_scale if args.guidance is None else args.guidance,
+            steps,
+            guidance,
             height,
             width,
             [args.seed + i for i in range(len(prompts))],
@@ -145,7 +147,6 @@ def cmd_generate(args) -> None:
         )
         raise CLIError(f"{flag}: {e.message}") from None
 
-    steps = args.steps or pipeline.sampler.default_steps
     with tqdm(total=len(prompts) * steps, unit="step", disable=None, desc="sampling") as bar:
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
@@ -153,10 +154,10 @@ def cmd_generate(args) -> None:
                 batch,
                 seeds=args.seed + start,
                 negative_prompt=args.negative_prompt,
-                on_step=lambda i, n, x, k=len(batch): bar.update(k),
+                on_step=lambda i, n, x, k=len(batch): bar.update(k),  # noqa: B008 (bound per batch)
                 **settings,
             )
-            for image, path in zip(result.images, outputs[start : start + len(batch)]):
+            for image, path in zip(result.images, outputs[start : start + len(batch)], strict=True):
                 _write_png_atomically(image, path)
     where = outputs[0] if len(outputs) == 1 else args.out_dir
     print(f"wrote {len(outputs)} image(s) to {where}")
@@ -235,9 +236,21 @@ def cmd_init_model(args) -> None:
     print(f"saved a randomly initialised {args.config} model to {path}")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar is the one users should see, not one per weight file."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except CLIError as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .models.autoencoder import LatentDecoder, load_decoder
+from .models.autoencoder import load_decoder
 from .models.unet import SnapGenUNet
 from .pipeline import SnapGenPipeline
 from .sampling import SAMPLER_CONFIG_NAME, SamplerConfig
@@ -45,16 +45,19 @@ def default_model_dir() -> Path:
     return Path(override).resolve() if override else DEFAULT_MODEL_DIR
 
 
-def latent_factor(decoder: LatentDecoder) -> int:
-    """Pixels per latent cell along each side, read from the wrapped decoder's config."""
-    cfg = decoder.model.config if hasattr(decoder.model, "config") else None
-    if decoder.class_name == "TinyDecoder":
+def latent_factor(decoder_model: torch.nn.Module) -> int:
+    """Pixels per latent cell along each side, from a decoder or autoencoder's config."""
+    cfg = decoder_model.config
+    name = type(decoder_model).__name__
+    if name == "TinyDecoder":
         return int(cfg.upsample_factor)
-    if decoder.class_name == "SmallAutoencoder":
-        return int(decoder.model_config["downsample_factor"])
-    if decoder.class_name == "AutoencoderTiny":
+    if name == "SmallAutoencoder":
+        return int(cfg.downsample_factor)
+    if name == "AutoencoderTiny":
         return int(cfg.upsampling_scaling_factor)
-    return 2 ** (len(cfg.block_out_channels) - 1)  # AutoencoderKL
+    if name == "AutoencoderKL":
+        return 2 ** (len(cfg.block_out_channels) - 1)
+    raise ValueError(f"cannot tell the latent factor of a {name}")
 
 
 def check_model_dir(directory: str | Path) -> Path:
@@ -94,8 +97,7 @@ def save_model(
         decoder_model.save_pretrained(staging / "decoder", safe_serialization=True)
         save_text_encoder(text_encoder, staging / "text_encoder")
         sampler.save(staging / "scheduler")
-        decoder = load_decoder(staging / "decoder")
-        factor = latent_factor(decoder)
+        factor = latent_factor(decoder_model)
         native = unet.config.sample_size * factor
         index = {
             "_class_name": "SnapGenPipeline",
@@ -125,8 +127,8 @@ def load_pipeline(
     """Load a model directory (the embedded default when ``directory`` is None)."""
     directory = Path(directory) if directory is not None else default_model_dir()
     index = read_model_index(directory)
-    unet = SnapGenUNet.from_pretrained(directory / "unet", use_safetensors=True)
-    decoder = load_decoder(directory / "decoder")
+    unet = SnapGenUNet.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=dtype)
+    decoder = load_decoder(directory / "decoder", torch_dtype=dtype)
     text_encoder = load_text_encoder(directory / "text_encoder")
     sampler = SamplerConfig.load(directory / "scheduler")
     pipeline = SnapGenPipeline(
@@ -138,7 +140,7 @@ def load_pipeline(
         resolutions=[tuple(r) for r in index.get("resolutions", [])] or None,
     )
     pipeline.model_dir = directory.resolve()
-    return pipeline.to(device=device, dtype=dtype)
+    return pipeline.to(device=device)
 
 
 def weight_files(directory: str | Path) -> dict[str, str]:

@@ -220,10 +220,7 @@ def randn_tensor(
     seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
     checked = [_check_seed(s) for s in seed_list]
     shape = _check_shape(shape_per_item)
-    if checked:
-        batch = np.stack([randn(s, shape) for s in checked])
-    else:
-        batch = np.empty((0, *shape), dtype=np.float32)
+    batch = np.stack([randn(s, shape) for s in checked]) if checked else np.empty((0, *shape), dtype=np.float32)
     return torch.from_numpy(batch).to(device=device, dtype=dtype)
 
 

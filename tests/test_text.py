@@ -13,7 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import tokenizers  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from snapgen.text import (  # noqa: E402
     CLIPTextEncoder,
@@ -26,9 +28,6 @@ from snapgen.text import (  # noqa: E402
     save_text_encoder,
 )
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
 # CLIP-L-like and CLIP-G-like differ in width and in the two EOS-pooling conventions found in
 # real checkpoints: explicit eos_token_id, and the legacy eos_token_id=2 (argmax of the ids).
 CLIP_L = {"hidden": 32, "projection": 16, "legacy_eos": False, "pad": "<|endoftext|>"}
@@ -36,7 +35,7 @@ CLIP_G = {"hidden": 48, "projection": 24, "legacy_eos": True, "pad": "!"}  # SDX
 GEMMA_MAX_LENGTH = 24
 
 
-def write_tiny_clip(directory, hidden, projection, legacy_eos, pad, with_projection=True):
+def write_tiny_clip(directory, hidden, projection, legacy_eos, pad, with_projection=True, eos_token_id=None):
     """A 2-layer random CLIP text tower plus a byte-level BPE tokenizer in CLIP's file format."""
     directory.mkdir(parents=True)
     # Every byte as a word-internal and a word-final ("</w>") symbol, so any text tokenizes; two
@@ -61,7 +60,7 @@ def write_tiny_clip(directory, hidden, projection, legacy_eos, pad, with_project
         projection_dim=projection,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=2 if legacy_eos else tokenizer.eos_token_id,
+        eos_token_id=eos_token_id or (2 if legacy_eos else tokenizer.eos_token_id),
         pad_token_id=tokenizer.pad_token_id,
     )
     model_class = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
@@ -224,6 +223,22 @@ def test_clip_without_text_projection_is_refused(tmp_path):
     path = write_tiny_clip(tmp_path / "no-proj", **CLIP_L, with_projection=False)
     with pytest.raises(ValueError, match="text_projection"):
         CLIPTextEncoder(path)
+
+
+def test_clip_eos_mismatch_is_refused(tmp_path):
+    # 514 is <|startoftext|>: pooling would silently read the BOS state instead of the EOS one.
+    path = write_tiny_clip(tmp_path / "bad-eos", **CLIP_L, eos_token_id=514)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        CLIPTextEncoder(path)
+
+
+def test_unfrozen_backbone_trains(pretrained_root):
+    encoder = CLIPTextEncoder(pretrained_root / "clip-l")
+    assert not encoder.train().model.training  # frozen: stays in eval mode
+    encoder.model.requires_grad_(True)
+    assert encoder.train().model.training
+    encoder.encode(["a cat"]).tokens.sum().backward()
+    assert encoder.model.text_model.embeddings.token_embedding.weight.grad is not None
 
 
 def test_gemma_right_padding_and_mask(gemma):

@@ -132,7 +132,7 @@ class SmallAutoencoder(ModelMixin, ConfigMixin):
                 f"downsample_factor={downsample_factor} does not match block_out_channels={block_out_channels}"
                 f" (factor {factor}: one 2x step between consecutive widths)"
             )
-        self.register_to_config(downsample_factor=factor)
+        self.register_to_config(block_out_channels=block_out_channels, downsample_factor=factor)
         self.encoder = SmallEncoder(
             in_channels, latent_channels, block_out_channels, encoder_layers_per_block, norm_num_groups
         )
@@ -260,7 +260,7 @@ def load_decoder(
     cfg = model.config
     if class_name == "SmallAutoencoder":
         model = model.decoder  # drop the encoder: half the memory, nothing the sampler needs
-    return LatentDecoder(model, class_name, cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+    return LatentDecoder(model, class_name, cfg.scaling_factor, getattr(cfg, "shift_factor", None)).eval()
 
 
 def load_encoder(
@@ -271,4 +271,4 @@ def load_encoder(
     cfg = model.config
     if class_name == "SmallAutoencoder":
         model.decoder = None  # keep the encode() method, drop the decoder's weights
-    return LatentEncoder(model, class_name, cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+    return LatentEncoder(model, class_name, cfg.scaling_factor, getattr(cfg, "shift_factor", None)).eval()

@@ -55,7 +55,9 @@ class ResBlock(nn.Module):
         )
         self.time_proj = nn.Linear(temb_dim, hidden)
         self.norm2 = nn.GroupNorm(min(groups, hidden), hidden)
-        self.conv2 = SeparableConv2d(hidden, out_channels) if separable else nn.Conv2d(hidden, out_channels, 3, padding=1)
+        self.conv2 = (
+            SeparableConv2d(hidden, out_channels) if separable else nn.Conv2d(hidden, out_channels, 3, padding=1)
+        )
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

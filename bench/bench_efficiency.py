@@ -1,0 +1,752 @@
+"""CPU efficiency benchmark: SnapGen's U-Net and tiny decoder against SDXL/SD3 baselines.
+
+Everything runs with random weights, fp32, batch 1, ``torch.inference_mode`` on the CPU, in one
+process, so every number in a report comes from the same machine and the same run:
+
+1. U-Net: ``snapgen-379m`` vs diffusers' SDXL ``UNet2DConditionModel`` (built from its config),
+   one denoising step at 512 px and 1024 px.
+2. Decoder: SnapGen's ``TinyDecoder`` vs the decoders of diffusers' ``AutoencoderKL`` (SDXL and
+   SD3 configs) and ``AutoencoderTiny`` (TAESD), latents -> image at 512 px and 1024 px.
+3. Ladder: every step of ``snapgen.models.configs.LADDER`` (SDXL-like -> snapgen-379m), with
+   the relative change against the previous step, like the paper's table.
+
+Per workload: parameters, FLOPs per call (``torch.utils.flop_counter.FlopCounterMode`` on the
+meta device, multiply-add = 2 FLOPs), median latency of ``--runs`` timed calls after
+``--warmup`` untimed ones, achieved GFLOP/s, and the process's peak RSS while the model was
+built and run. Usage::
+
+    .venv/bin/python bench/bench_efficiency.py --out docs/benchmarks.md   # full run (~10+ min)
+    .venv/bin/python bench/bench_efficiency.py --quick                    # smoke test, 128 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from snapgen.models.configs import LADDER, build_unet, count_parameters, unet_config
+from snapgen.models.tiny_decoder import TinyDecoder
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "bench" / "results" / "efficiency.json"
+LATENT_FACTOR = 8
+
+# --------------------------------------------------------------------------------------------
+# Baseline configs (diffusers classes, random weights)
+# --------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that shape the network.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' historic name: these are head *counts* (x64 dims)
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 1280 (CLIP-G pooled) + 6 * 256 (size/crop ids)
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+SDXL_TEXT_TOKENS = 77  # CLIP-L (768) and CLIP-G (1280) concatenated along channels: 77 x 2048
+SDXL_POOLED_DIM = 1280
+SDXL_TIME_IDS = 6
+
+# SnapGen's merged text embedding (snapgen.text.MergedTextEncoder with its encoders' default
+# max_length): CLIP-L 77 + CLIP-G 77 + Gemma-2-2b 128 tokens, each projected to 2304.
+SNAPGEN_TEXT_TOKENS = 77 + 77 + 128
+
+_VAE_BLOCKS = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    sample_size=1024,
+)
+SDXL_VAE_CONFIG = dict(_VAE_BLOCKS, latent_channels=4, scaling_factor=0.13025)
+SD3_VAE_CONFIG = dict(
+    _VAE_BLOCKS,
+    latent_channels=16,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+TAESD_CONFIG: dict = {}  # AutoencoderTiny defaults: TAESD, 4-channel latents
+
+
+class KLDecoder(nn.Module):
+    """The decode half of an ``AutoencoderKL`` (post-quant conv + decoder), without its encoder."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads: a model builder + an input builder, both device-agnostic (meta or cpu)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    resolution: int  # output image side in pixels
+    build: Callable[[torch.device], nn.Module]
+    inputs: Callable[[torch.device], tuple[tuple, dict]]
+    latent_channels: int
+    notes: str = ""
+
+    @property
+    def latent_side(self) -> int:
+        return self.resolution // LATENT_FACTOR
+
+
+def _on(device: torch.device, cls, **config) -> nn.Module:
+    with torch.device(device):
+        return cls(**config)
+
+
+def snapgen_unet(name: str, config: dict, resolution: int, text_tokens: int) -> Workload:
+    side = resolution // LATENT_FACTOR
+    channels, context, pooled = config["in_channels"], config["cross_attention_dim"], config["pooled_projection_dim"]
+
+    def inputs(device):
+        return (
+            torch.randn(1, channels, side, side, device=device),
+            torch.full((1,), 0.5, device=device),
+            torch.randn(1, text_tokens, context, device=device),
+            torch.ones(1, text_tokens, dtype=torch.bool, device=device),
+            torch.randn(1, pooled, device=device),
+        ), {}
+
+    return Workload(name, resolution, lambda device: build_unet(config, device), inputs, channels,
+                    f"{text_tokens} text tokens x {context}, pooled {pooled}, with mask")
+
+
+def sdxl_unet(resolution: int) -> Workload:
+    from diffusers import UNet2DConditionModel
+
+    side = resolution // LATENT_FACTOR
+    channels = SDXL_UNET_CONFIG["in_channels"]
+
+    def inputs(device):
+        added = {
+            "text_embeds": torch.randn(1, SDXL_POOLED_DIM, device=device),
+            "time_ids": torch.randn(1, SDXL_TIME_IDS, device=device),
+        }
+        return (
+            torch.randn(1, channels, side, side, device=device),
+            torch.full((1,), 500.0, device=device),
+            torch.randn(1, SDXL_TEXT_TOKENS, SDXL_UNET_CONFIG["cross_attention_dim"], device=device),
+        ), {"added_cond_kwargs": added}
+
+    return Workload("SDXL U-Net (diffusers)", resolution,
+                    lambda device: _on(device, UNet2DConditionModel, **SDXL_UNET_CONFIG), inputs, channels,
+                    f"{SDXL_TEXT_TOKENS} text tokens x 2048, pooled 1280 + 6 time ids")
+
+
+def decoder(name: str, build: Callable[[torch.device], nn.Module], latent_channels: int, resolution: int) -> Workload:
+    side = resolution // LATENT_FACTOR
+
+    def inputs(device):
+        return (torch.randn(1, latent_channels, side, side, device=device),), {}
+
+    return Workload(name, resolution, build, inputs, latent_channels)
+
+
+def decoder_workloads(resolution: int) -> list[Workload]:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    return [
+        decoder("SnapGen TinyDecoder", lambda d: _on(d, TinyDecoder), 16, resolution),
+        decoder("TAESD decoder (AutoencoderTiny)",
+                lambda d: _on(d, AutoencoderTiny, **TAESD_CONFIG).decoder, 4, resolution),
+        decoder("SDXL VAE decoder (AutoencoderKL)",
+                lambda d: KLDecoder(_on(d, AutoencoderKL, **SDXL_VAE_CONFIG)), 4, resolution),
+        decoder("SD3 VAE decoder (AutoencoderKL)",
+                lambda d: KLDecoder(_on(d, AutoencoderKL, **SD3_VAE_CONFIG)), 16, resolution),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+FLOP_KINDS = {
+    "convolution": "conv",
+    "addmm": "linear",
+    "mm": "linear",
+    "bmm": "attention",
+    "baddbmm": "attention",
+}
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernel.
+
+    On real CPU tensors ``F.scaled_dot_product_attention`` runs
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which torch's counter has no formula
+    for (it counts 0). On the meta device SDPA falls back to the math path (``bmm``), which it
+    counts; this mapping makes both agree.
+    """
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def flops_by_kind(counter: FlopCounterMode) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[-1]
+        kind = "attention" if "attention" in name else FLOP_KINDS.get(name, "other")
+        kinds[kind] = kinds.get(kind, 0) + int(flops)
+    return kinds
+
+
+def run_model(model: nn.Module, inputs: tuple[tuple, dict]):
+    args, kwargs = inputs
+    return model(*args, **kwargs)
+
+
+def count_flops(model: nn.Module, inputs: tuple[tuple, dict]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one call (multiply-add = 2), total and per kind (conv / linear / attention)."""
+    with torch.inference_mode(), flop_counter() as counter:
+        run_model(model, inputs)
+    return counter.get_total_flops(), flops_by_kind(counter)
+
+
+def measure_latency(fn: Callable[[], object], warmup: int, runs: int) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class PeakRSS:
+    """Peak resident set size of this process inside a ``with`` block, in bytes.
+
+    Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS, so the peak is
+    this block's alone. Elsewhere it falls back to ``ru_maxrss``, a process-lifetime peak
+    (``resettable`` is then False and the number only grows from workload to workload).
+    """
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.resettable = _status_kib("VmHWM") is not None
+        except OSError:
+            self.resettable = False
+        self.baseline = (_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_kib("VmHWM") if self.resettable else None
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        self.peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@dataclass
+class Result:
+    name: str
+    resolution: int
+    latent: list[int]
+    params: int
+    flops: int
+    flops_by_kind: dict[str, int]
+    flops_device: str
+    notes: str = ""
+    timed: bool = False
+    skipped: str | None = None  # why latency was not measured
+    latency_runs: list[float] = field(default_factory=list)
+    latency_s: float | None = None
+    gflops_per_s: float | None = None
+    flops_cpu_check: int | None = None  # FLOPs counted on real tensors during the warm-up call
+    peak_rss_bytes: int | None = None
+    rss_increase_bytes: int | None = None  # peak minus the RSS before the model was built
+
+
+class Bench:
+    """Measures workloads with the run's settings; caches results so sections can share them."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.results: dict[tuple[str, int, bool], Result] = {}
+        self.log = print if not args.silent else (lambda *a, **k: None)
+
+    def measure(self, workload: Workload, timed: bool = True) -> Result:
+        key = (workload.name, workload.resolution, timed)
+        if key in self.results:
+            return self.results[key]
+        if not timed and (workload.name, workload.resolution, True) in self.results:
+            return self.results[(workload.name, workload.resolution, True)]
+        started = time.perf_counter()
+        result = self._static(workload)
+        skip = None if timed else "not requested"
+        if timed and self.args.latency_max_params and result.params > self.args.latency_max_params:
+            skip = f"over --latency-max-params ({self.args.latency_max_params:.3g})"
+        if skip is None:
+            self._time(workload, result)
+        else:
+            result.skipped = skip
+        self.log(f"  {workload.name} @ {workload.resolution}px: {_fmt_result(result)} "
+                 f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr, flush=True)
+        self.results[key] = result
+        return result
+
+    def _static(self, workload: Workload) -> Result:
+        """Params and FLOPs without allocating weights (meta device); real tensors as a fallback."""
+        device = "meta"
+        try:
+            model = workload.build(torch.device("meta")).eval()
+            flops, kinds = count_flops(model, workload.inputs(torch.device("meta")))
+        except Exception as error:  # noqa: BLE001 -- any meta-unsupported op: count on real tensors
+            self.log(f"  meta FLOP count failed for {workload.name} ({error!r}); counting on cpu",
+                     file=sys.stderr)
+            device = "cpu"
+            model = workload.build(torch.device("cpu")).eval()
+            flops, kinds = count_flops(model, workload.inputs(torch.device("cpu")))
+        side = workload.latent_side
+        result = Result(workload.name, workload.resolution, [workload.latent_channels, side, side],
+                        count_parameters(model), flops, kinds, device, workload.notes)
+        del model
+        return result
+
+    def _time(self, workload: Workload, result: Result) -> None:
+        slow = result.flops > self.args.slow_flops
+        runs = self.args.slow_runs if slow else self.args.runs
+        with PeakRSS() as rss:
+            torch.manual_seed(0)
+            model = workload.build(torch.device("cpu")).eval()
+            inputs = workload.inputs(torch.device("cpu"))
+            # The first warm-up call doubles as a FLOP count on real tensors (a cross-check of
+            # the meta count); the counter only observes ops, the kernels are the same.
+            warmup = self.args.warmup
+            if warmup > 0:
+                result.flops_cpu_check, _ = count_flops(model, inputs)
+                warmup -= 1
+            with torch.inference_mode():
+                times = measure_latency(lambda: run_model(model, inputs), warmup, runs)
+            del model, inputs
+        result.timed = True
+        result.latency_runs = times
+        result.latency_s = statistics.median(times)
+        result.gflops_per_s = result.flops / result.latency_s / 1e9
+        result.peak_rss_bytes = rss.peak
+        result.rss_increase_bytes = max(rss.peak - rss.baseline, 0) if rss.resettable else None
+        gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def unet_section(bench: Bench) -> dict:
+    args = bench.args
+    rows, speedups = [], []
+    config = unet_config("snapgen-379m")
+    for res in args.unet_resolutions:
+        ours = bench.measure(snapgen_unet("SnapGen U-Net (snapgen-379m)", config, res, args.snapgen_text_tokens))
+        rows.append(ours)
+        if args.skip_sdxl:
+            continue
+        sdxl = bench.measure(sdxl_unet(res))
+        rows.append(sdxl)
+        speedups.append(_comparison(res, sdxl, ours))
+    return {"rows": rows, "speedups": speedups}
+
+
+def decoder_section(bench: Bench) -> dict:
+    args = bench.args
+    rows, speedups = [], []
+    for res in args.decoder_resolutions:
+        ours, *others = decoder_workloads(res)
+        ours_result = bench.measure(ours)
+        rows.append(ours_result)
+        for other in others:
+            timed = not (res > args.kl_max_resolution and "AutoencoderKL" in other.name)
+            result = bench.measure(other, timed=timed)
+            if not timed:
+                result.skipped = f"KL decoder above {args.kl_max_resolution}px: pass --kl-1024"
+            rows.append(result)
+            speedups.append(_comparison(res, result, ours_result))
+    return {"rows": rows, "speedups": speedups}
+
+
+def ladder_section(bench: Bench) -> dict:
+    args = bench.args
+    latency_res = list(args.ladder_latency_resolutions)
+    steps = []
+    for index, (step, config) in enumerate(LADDER):
+        name = f"ladder {index}: {step}"
+        per_res = {}
+        for res in sorted({args.ladder_flops_resolution, *latency_res}):
+            workload = snapgen_unet(name, config, res, args.snapgen_text_tokens)
+            per_res[res] = bench.measure(workload, timed=res in latency_res)
+        flops_row = per_res[args.ladder_flops_resolution]
+        steps.append({
+            "step": step,
+            "params": flops_row.params,
+            "flops": flops_row.flops,
+            "latency_s": {res: per_res[res].latency_s for res in latency_res},
+            "results": list(per_res.values()),
+        })
+    return {"flops_resolution": args.ladder_flops_resolution, "latency_resolutions": latency_res, "steps": steps}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _comparison(res: int, baseline: Result, ours: Result) -> dict:
+    return {
+        "resolution": res,
+        "baseline": baseline.name,
+        "ours": ours.name,
+        "speedup": _ratio(baseline.latency_s, ours.latency_s),
+        "flops_ratio": _ratio(baseline.flops, ours.flops),
+        "params_ratio": _ratio(baseline.params, ours.params),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Machine info and report
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict:
+    cpu = "unknown"
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else platform.processor() or "unknown"
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    mem = None
+    try:
+        match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        mem = int(match.group(1)) * 1024 if match else None
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    import diffusers
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": threads,
+        "ram_bytes": mem,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "platform": platform.platform(),
+        "git": commit,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+HEADER = """\
+# Efficiency benchmarks
+
+How to run (from the repository root, on an otherwise idle machine; about 10-15 minutes on 2
+CPU cores, peak memory about 11 GB for the SDXL U-Net at 1024 px):
+
+    .venv/bin/python bench/bench_efficiency.py --out docs/benchmarks.md
+
+It rewrites this file and saves the raw numbers to `bench/results/efficiency.json`. Options:
+`--runs N` (timed calls per workload, default 3), `--kl-1024` (also time the KL decoders at
+1024 px, minutes per call on a CPU), `--ladder-1024` (ladder latency at 1024 px as well),
+`--quick` (smoke test at 128 px); `--help` lists the rest.
+
+What is measured, all with random weights, fp32, batch 1, `torch.inference_mode`, on the CPU
+with `torch.set_num_threads` = the usable cores, in a single run:
+
+- **U-Net**: one denoising step of `snapgen-379m` (16-ch latents; 282 merged text tokens of
+  width 2304 = CLIP-L 77 + CLIP-G 77 + Gemma-2 128, with their mask; pooled 2048) and of
+  diffusers' SDXL `UNet2DConditionModel` built from SDXL-base's config (4-ch latents; 77 text
+  tokens of width 2048; pooled 1280 + 6 time ids), at 512 px (64x64 latent) and 1024 px
+  (128x128 latent). One call = one step without classifier-free guidance.
+- **Decoder**: latents -> RGB at the same output sizes for SnapGen's `TinyDecoder` (16-ch),
+  TAESD (`AutoencoderTiny` defaults, 4-ch) and the decoder half (post-quant conv + decoder) of
+  `AutoencoderKL` with SDXL's (4-ch) and SD3's (16-ch) configs. KL decoders are timed at
+  512 px only unless `--kl-1024`.
+- **Ladder**: each step of `snapgen.models.configs.LADDER`, from an SDXL-like U-Net (SDXL's
+  widths/depths on SnapGen's latents and text) to `snapgen-379m`, one design switch per step,
+  with the change against the previous step (the paper's table).
+
+Columns: **params**; **FLOPs** of one call from `torch.utils.flop_counter.FlopCounterMode`
+on the meta device (a multiply-add counts 2; only convolutions, matmuls/linears and attention
+are counted, not norms or activations), split into conv / linear / attention (QK^T and AV);
+**latency**: median wall-clock of N timed calls after one warm-up call; **GFLOP/s** = FLOPs /
+latency; **peak RSS**: the process's peak resident memory while the model was built and run
+(weights included; `+` = increase over the RSS before building). Speed-up = baseline latency
+/ SnapGen latency. CPU latencies rank the designs; they do not predict phone latency (the
+paper's 274 ms U-Net step is on an iPhone 16 Pro Max's Neural Engine).
+"""
+
+
+def _gb(value: int | None) -> str:
+    return "—" if value is None else f"{value / 1e9:.2f}"
+
+
+def _fmt_latency(r: Result) -> str:
+    if r.latency_s is None:
+        return f"— ({r.skipped})" if r.skipped else "—"
+    spread = f" (n={len(r.latency_runs)})"
+    return (f"{r.latency_s * 1e3:.1f} ms" if r.latency_s < 1 else f"{r.latency_s:.2f} s") + spread
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def _fmt_flops(n: int) -> str:
+    return f"{n / 1e12:.3f} T" if n >= 1e12 else f"{n / 1e9:.1f} G"
+
+
+def _fmt_x(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}x"
+
+
+def _fmt_change(new: float | None, old: float | None) -> str:
+    return "—" if not new or not old else f"{(new / old - 1) * 100:+.1f} %"
+
+
+def _fmt_result(r: Result) -> str:
+    gflops = "" if r.gflops_per_s is None else f", {r.gflops_per_s:.1f} GFLOP/s"
+    return f"{_fmt_params(r.params)}, {_fmt_flops(r.flops)}FLOPs, {_fmt_latency(r)}{gflops}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _measurement_table(rows: list[Result]) -> list[str]:
+    headers = ["model", "px", "latent", "params", "FLOPs", "conv / linear / attn", "latency",
+               "GFLOP/s", "peak RSS GB (+)"]
+    body = []
+    for r in rows:
+        kinds = " / ".join(_fmt_flops(r.flops_by_kind.get(k, 0)) for k in ("conv", "linear", "attention"))
+        rss = "—" if r.peak_rss_bytes is None else f"{_gb(r.peak_rss_bytes)} (+{_gb(r.rss_increase_bytes)})"
+        body.append([r.name, str(r.resolution), "x".join(map(str, r.latent)), _fmt_params(r.params),
+                     _fmt_flops(r.flops), kinds, _fmt_latency(r),
+                     "—" if r.gflops_per_s is None else f"{r.gflops_per_s:.1f}", rss])
+    return _table(headers, body)
+
+
+def _speedup_table(speedups: list[dict]) -> list[str]:
+    headers = ["px", "baseline", "vs", "speed-up (latency)", "FLOPs ratio", "params ratio"]
+    body = [[str(s["resolution"]), s["baseline"], s["ours"], _fmt_x(s["speedup"]), _fmt_x(s["flops_ratio"]),
+             _fmt_x(s["params_ratio"])] for s in speedups]
+    return _table(headers, body)
+
+
+def _ladder_table(ladder: dict) -> list[str]:
+    fres, lres = ladder["flops_resolution"], ladder["latency_resolutions"]
+    headers = ["#", "step", "params", "Δ params", f"FLOPs @{fres}", "Δ FLOPs"]
+    for res in lres:
+        headers += [f"latency @{res}", f"Δ latency @{res}"]
+    body, prev = [], None
+    for i, step in enumerate(ladder["steps"]):
+        row = [str(i), step["step"], _fmt_params(step["params"]), _fmt_change(step["params"], prev and prev["params"]),
+               _fmt_flops(step["flops"]), _fmt_change(step["flops"], prev and prev["flops"])]
+        for res in lres:
+            latency = step["latency_s"][res]
+            row += ["—" if latency is None else f"{latency * 1e3:.0f} ms",
+                    _fmt_change(latency, prev and prev["latency_s"][res])]
+        body.append(row)
+        prev = step
+    return _table(headers, body)
+
+
+def render_markdown(report: dict) -> str:
+    m, s = report["machine"], report["settings"]
+    lines = [HEADER.rstrip(), "", "## Run", ""]
+    if s["quick"]:
+        lines += ["**Quick smoke run (`--quick`): toy sizes, not a benchmark.**", ""]
+    cpus = f"{m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs"
+    lines += [
+        f"- date: {m['date_utc']}; git: {m['git']}",
+        f"- machine: {m['cpu']}, {cpus}, {_gb(m['ram_bytes'])} GB RAM; {m['platform']}",
+        f"- load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}",
+        f"- torch {m['torch']} ({m['torch_threads']} threads, flush-denormal {s['flush_denormal']}), "
+        f"diffusers {m['diffusers']}, Python {m['python']}",
+        f"- runs: {s['runs']} timed after {s['warmup']} warm-up (workloads above "
+        f"{s['slow_flops'] / 1e12:g} TFLOPs: {s['slow_runs']}); wall time {report['wall_time_s'] / 60:.1f} min",
+        f"- FLOPs counted on: {', '.join(sorted(report['flops_devices']))}; "
+        f"max deviation of the real-tensor count (warm-up call) from it: {report['flops_check']}",
+    ]
+    sections = report["sections"]
+    if "unet" in sections:
+        lines += ["", "## U-Net: one step", "", *_measurement_table(sections["unet"]["rows"])]
+        if sections["unet"]["speedups"]:
+            lines += ["", *_speedup_table(sections["unet"]["speedups"])]
+    if "decoder" in sections:
+        lines += ["", "## Decoder: latents -> image", "", *_measurement_table(sections["decoder"]["rows"]),
+                  "", *_speedup_table(sections["decoder"]["speedups"])]
+    if "ladder" in sections:
+        lines += ["", "## Ladder: SDXL-like -> snapgen-379m", "",
+                  "Δ = change against the previous step.", "", *_ladder_table(sections["ladder"])]
+    return "\n".join(lines) + "\n"
+
+
+def _to_json(obj):
+    if isinstance(obj, Result):
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+def _flops_check(results: list[Result]) -> str:
+    pairs = [(r.flops, r.flops_cpu_check) for r in results if r.flops_cpu_check is not None]
+    if not pairs:
+        return "n/a (nothing timed)"
+    worst = max(abs(cpu - meta) / meta for meta, cpu in pairs)
+    return f"{worst * 100:.2f} % over {len(pairs)} workloads"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, help="write the markdown report here (default: print it)")
+    p.add_argument("--json", type=Path, help=f"raw results (default: {DEFAULT_JSON.relative_to(REPO)}, "
+                                              "or efficiency-quick.json with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 128 px, 1 run, ladder FLOPs at 256 px, no model over 1 B params timed")
+    p.add_argument("--sections", nargs="+", choices=["unet", "decoder", "ladder"],
+                   default=["unet", "decoder", "ladder"])
+    p.add_argument("--runs", type=int, default=3, help="timed calls per workload (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--slow-runs", type=int, default=1, help="timed calls for workloads above --slow-flops")
+    p.add_argument("--slow-flops", type=float, default=2e12,
+                   help="FLOPs per call above which --slow-runs applies (SDXL U-Net and KL decoders at 1024 px)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
+    p.add_argument("--unet-resolutions", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--decoder-resolutions", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--kl-1024", action="store_true", help="also time the AutoencoderKL decoders at 1024 px")
+    p.add_argument("--ladder-flops-resolution", type=int, default=1024)
+    p.add_argument("--ladder-1024", action="store_true", help="ladder latency at 1024 px as well as 512 px")
+    p.add_argument("--skip-sdxl", action="store_true", help="U-Net section: SnapGen only")
+    p.add_argument("--snapgen-text-tokens", type=int, default=SNAPGEN_TEXT_TOKENS,
+                   help="merged text length for SnapGen U-Nets (CLIP-L 77 + CLIP-G 77 + Gemma-2 128)")
+    p.add_argument("--latency-max-params", type=float, default=None,
+                   help="only count params/FLOPs (no CPU build, no timing) for models above this size")
+    p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.unet_resolutions = [128]
+        args.decoder_resolutions = [128]
+        args.ladder_flops_resolution = 256
+        args.runs = min(args.runs, 2)
+        args.latency_max_params = args.latency_max_params or 1e9
+    args.kl_max_resolution = max(args.decoder_resolutions) if args.kl_1024 else 512
+    base = min(args.unet_resolutions) if args.quick else 512
+    args.ladder_latency_resolutions = [base, 1024] if args.ladder_1024 and not args.quick else [base]
+    if args.json is None:
+        args.json = DEFAULT_JSON.with_name("efficiency-quick.json") if args.quick else DEFAULT_JSON
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    flush_denormal = torch.set_flush_denormal(True)  # random weights must not hit slow denormal paths
+    machine = machine_info(torch.get_num_threads())
+    started = time.perf_counter()
+    bench = Bench(args)
+    builders = {"unet": unet_section, "decoder": decoder_section, "ladder": ladder_section}
+    sections = {}
+    for name in args.sections:
+        bench.log(f"[{name}]", file=sys.stderr, flush=True)
+        sections[name] = builders[name](bench)
+    results = list(bench.results.values())
+    report = {
+        "machine": machine,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {"flush_denormal": flush_denormal},
+        "wall_time_s": time.perf_counter() - started,
+        "flops_devices": sorted({r.flops_device for r in results}),
+        "flops_check": _flops_check(results),
+        "sections": sections,
+    }
+    markdown = render_markdown(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown)
+    else:
+        print(markdown)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(_to_json(report), indent=2) + "\n")
+    bench.log(f"wrote {args.json}" + (f" and {args.out}" if args.out else ""), file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
