@@ -190,10 +190,8 @@ def test_load_decoder_dispatch(tmp_path, kind):
     z = torch.randn(2, 4, 4, 4) * 3
     with torch.no_grad():
         x = decoder.decode(z)
-        if kind in ("AutoencoderKL", "AutoencoderTiny"):
-            ref = model.decode(z).sample.clamp(-1, 1)
-        else:
-            ref = model.decode(z)
+        diffusers_class = kind in ("AutoencoderKL", "AutoencoderTiny")
+        ref = model.decode(z).sample.clamp(-1, 1) if diffusers_class else model.decode(z)
     assert isinstance(x, torch.Tensor) and x.shape == (2, 3, 8, 8)
     assert x.abs().max() <= 1.0
     torch.testing.assert_close(x, ref)
