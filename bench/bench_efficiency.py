@@ -22,6 +22,8 @@ built and run. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime as dt
 import gc
 import json
@@ -47,6 +49,7 @@ from snapgen.models.tiny_decoder import TinyDecoder
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "efficiency.json"
 LATENT_FACTOR = 8
+LOW_CPU_UTILISATION = 0.9  # below this share of threads x wall time, a timing is flagged as contended
 
 # --------------------------------------------------------------------------------------------
 # Baseline configs (diffusers classes, random weights)
@@ -126,10 +129,15 @@ class Workload:
     inputs: Callable[[torch.device], tuple[tuple, dict]]
     latent_channels: int
     notes: str = ""
+    identity: str | None = None  # equal identities = the same network and inputs (defaults to name)
 
     @property
     def latent_side(self) -> int:
         return self.resolution // LATENT_FACTOR
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.identity or self.name, self.resolution)
 
 
 def _on(device: torch.device, cls, **config) -> nn.Module:
@@ -150,8 +158,17 @@ def snapgen_unet(name: str, config: dict, resolution: int, text_tokens: int) -> 
             torch.randn(1, pooled, device=device),
         ), {}
 
-    return Workload(name, resolution, lambda device: build_unet(config, device), inputs, channels,
-                    f"{text_tokens} text tokens x {context}, pooled {pooled}, with mask")
+    # The ladder's last step is snapgen-379m itself: the identity lets both sections share one measurement.
+    identity = f"snapgen-unet {json.dumps(config, sort_keys=True)} text={text_tokens}"
+    return Workload(
+        name,
+        resolution,
+        lambda device: build_unet(config, device),
+        inputs,
+        channels,
+        f"{text_tokens} text tokens x {context}, pooled {pooled}, with mask",
+        identity,
+    )
 
 
 def sdxl_unet(resolution: int) -> Workload:
@@ -171,9 +188,14 @@ def sdxl_unet(resolution: int) -> Workload:
             torch.randn(1, SDXL_TEXT_TOKENS, SDXL_UNET_CONFIG["cross_attention_dim"], device=device),
         ), {"added_cond_kwargs": added}
 
-    return Workload("SDXL U-Net (diffusers)", resolution,
-                    lambda device: _on(device, UNet2DConditionModel, **SDXL_UNET_CONFIG), inputs, channels,
-                    f"{SDXL_TEXT_TOKENS} text tokens x 2048, pooled 1280 + 6 time ids")
+    return Workload(
+        "SDXL U-Net (diffusers)",
+        resolution,
+        lambda device: _on(device, UNet2DConditionModel, **SDXL_UNET_CONFIG),
+        inputs,
+        channels,
+        f"{SDXL_TEXT_TOKENS} text tokens x 2048, pooled 1280 + 6 time ids",
+    )
 
 
 def decoder(name: str, build: Callable[[torch.device], nn.Module], latent_channels: int, resolution: int) -> Workload:
@@ -190,12 +212,21 @@ def decoder_workloads(resolution: int) -> list[Workload]:
 
     return [
         decoder("SnapGen TinyDecoder", lambda d: _on(d, TinyDecoder), 16, resolution),
-        decoder("TAESD decoder (AutoencoderTiny)",
-                lambda d: _on(d, AutoencoderTiny, **TAESD_CONFIG).decoder, 4, resolution),
-        decoder("SDXL VAE decoder (AutoencoderKL)",
-                lambda d: KLDecoder(_on(d, AutoencoderKL, **SDXL_VAE_CONFIG)), 4, resolution),
-        decoder("SD3 VAE decoder (AutoencoderKL)",
-                lambda d: KLDecoder(_on(d, AutoencoderKL, **SD3_VAE_CONFIG)), 16, resolution),
+        decoder(
+            "TAESD decoder (AutoencoderTiny)", lambda d: _on(d, AutoencoderTiny, **TAESD_CONFIG).decoder, 4, resolution
+        ),
+        decoder(
+            "SDXL VAE decoder (AutoencoderKL)",
+            lambda d: KLDecoder(_on(d, AutoencoderKL, **SDXL_VAE_CONFIG)),
+            4,
+            resolution,
+        ),
+        decoder(
+            "SD3 VAE decoder (AutoencoderKL)",
+            lambda d: KLDecoder(_on(d, AutoencoderKL, **SD3_VAE_CONFIG)),
+            16,
+            resolution,
+        ),
     ]
 
 
@@ -252,16 +283,27 @@ def count_flops(model: nn.Module, inputs: tuple[tuple, dict]) -> tuple[int, dict
     return counter.get_total_flops(), flops_by_kind(counter)
 
 
-def measure_latency(fn: Callable[[], object], warmup: int, runs: int) -> list[float]:
-    """Wall-clock seconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
+@dataclass
+class Timing:
+    wall: list[float]  # seconds per timed call
+    cpu: list[float]  # this process's CPU seconds (all threads) per timed call
+
+    def cpu_utilisation(self, threads: int) -> float:
+        """CPU seconds / (wall seconds x threads): well below 1 means the cores were shared or idle."""
+        return sum(self.cpu) / (sum(self.wall) * threads)
+
+
+def measure_latency(fn: Callable[[], object], warmup: int, runs: int) -> Timing:
+    """Wall-clock (and CPU) seconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
+    timing = Timing([], [])
     for _ in range(runs):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        timing.wall.append(time.perf_counter() - wall)
+        timing.cpu.append(time.process_time() - cpu)
+    return timing
 
 
 def _status_kib(field_name: str) -> int | None:
@@ -270,6 +312,13 @@ def _status_kib(field_name: str) -> int | None:
     except OSError:
         return None
     return int(match.group(1)) if match else None
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS drops between models."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakRSS:
@@ -281,7 +330,7 @@ class PeakRSS:
     """
 
     def __enter__(self) -> PeakRSS:
-        gc.collect()
+        _release_freed_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.resettable = _status_kib("VmHWM") is not None
@@ -312,6 +361,7 @@ class Result:
     latency_runs: list[float] = field(default_factory=list)
     latency_s: float | None = None
     gflops_per_s: float | None = None
+    cpu_utilisation: float | None = None  # see Timing.cpu_utilisation
     flops_cpu_check: int | None = None  # FLOPs counted on real tensors during the warm-up call
     peak_rss_bytes: int | None = None
     rss_increase_bytes: int | None = None  # peak minus the RSS before the model was built
@@ -322,27 +372,30 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.results: dict[tuple[str, int, bool], Result] = {}
+        self.results: dict[tuple[tuple[str, int], bool], Result] = {}
         self.log = print if not args.silent else (lambda *a, **k: None)
 
-    def measure(self, workload: Workload, timed: bool = True) -> Result:
-        key = (workload.name, workload.resolution, timed)
-        if key in self.results:
-            return self.results[key]
-        if not timed and (workload.name, workload.resolution, True) in self.results:
-            return self.results[(workload.name, workload.resolution, True)]
+    def measure(self, workload: Workload, skip: str | None = None) -> Result:
+        """Params and FLOPs, then latency and memory unless ``skip`` gives a reason not to time it."""
+        timed = skip is None
+        for cached in [(workload.key, timed)] + ([] if timed else [(workload.key, True)]):
+            if cached in self.results:
+                return self.results[cached]
         started = time.perf_counter()
         result = self._static(workload)
-        skip = None if timed else "not requested"
         if timed and self.args.latency_max_params and result.params > self.args.latency_max_params:
-            skip = f"over --latency-max-params ({self.args.latency_max_params:.3g})"
+            skip = f"over --latency-max-params {self.args.latency_max_params:.3g}"
         if skip is None:
             self._time(workload, result)
         else:
             result.skipped = skip
-        self.log(f"  {workload.name} @ {workload.resolution}px: {_fmt_result(result)} "
-                 f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr, flush=True)
-        self.results[key] = result
+        self.log(
+            f"  {workload.name} @ {workload.resolution}px: {_fmt_result(result)} "
+            f"[{time.perf_counter() - started:.1f} s]",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.results[(workload.key, timed)] = result
         return result
 
     def _static(self, workload: Workload) -> Result:
@@ -351,15 +404,22 @@ class Bench:
         try:
             model = workload.build(torch.device("meta")).eval()
             flops, kinds = count_flops(model, workload.inputs(torch.device("meta")))
-        except Exception as error:  # noqa: BLE001 -- any meta-unsupported op: count on real tensors
-            self.log(f"  meta FLOP count failed for {workload.name} ({error!r}); counting on cpu",
-                     file=sys.stderr)
+        except Exception as error:  # an op without a meta kernel: count on real tensors instead
+            self.log(f"  meta FLOP count failed for {workload.name} ({error!r}); counting on cpu", file=sys.stderr)
             device = "cpu"
             model = workload.build(torch.device("cpu")).eval()
             flops, kinds = count_flops(model, workload.inputs(torch.device("cpu")))
         side = workload.latent_side
-        result = Result(workload.name, workload.resolution, [workload.latent_channels, side, side],
-                        count_parameters(model), flops, kinds, device, workload.notes)
+        result = Result(
+            workload.name,
+            workload.resolution,
+            [workload.latent_channels, side, side],
+            count_parameters(model),
+            flops,
+            kinds,
+            device,
+            workload.notes,
+        )
         del model
         return result
 
@@ -367,25 +427,31 @@ class Bench:
         slow = result.flops > self.args.slow_flops
         runs = self.args.slow_runs if slow else self.args.runs
         with PeakRSS() as rss:
-            torch.manual_seed(0)
-            model = workload.build(torch.device("cpu")).eval()
-            inputs = workload.inputs(torch.device("cpu"))
-            # The first warm-up call doubles as a FLOP count on real tensors (a cross-check of
-            # the meta count); the counter only observes ops, the kernels are the same.
-            warmup = self.args.warmup
-            if warmup > 0:
-                result.flops_cpu_check, _ = count_flops(model, inputs)
-                warmup -= 1
-            with torch.inference_mode():
-                times = measure_latency(lambda: run_model(model, inputs), warmup, runs)
-            del model, inputs
+            timing, result.flops_cpu_check = self._build_and_run(workload, self.args.warmup, runs)
         result.timed = True
-        result.latency_runs = times
-        result.latency_s = statistics.median(times)
+        result.latency_runs = timing.wall
+        result.latency_s = statistics.median(timing.wall)
+        result.cpu_utilisation = timing.cpu_utilisation(torch.get_num_threads())
         result.gflops_per_s = result.flops / result.latency_s / 1e9
         result.peak_rss_bytes = rss.peak
         result.rss_increase_bytes = max(rss.peak - rss.baseline, 0) if rss.resettable else None
-        gc.collect()
+        _release_freed_memory()
+
+    @staticmethod
+    def _build_and_run(workload: Workload, warmup: int, runs: int) -> tuple[Timing, int | None]:
+        """Build on the CPU with seeded random weights and time it; the model dies with this frame."""
+        torch.manual_seed(0)
+        model = workload.build(torch.device("cpu")).eval()
+        inputs = workload.inputs(torch.device("cpu"))
+        # The first warm-up call doubles as a FLOP count on real tensors (a cross-check of the
+        # meta count): the counter only observes the ops, the kernels that run are the same.
+        flops_cpu = None
+        if warmup > 0:
+            flops_cpu, _ = count_flops(model, inputs)
+            warmup -= 1
+        with torch.inference_mode():
+            timing = measure_latency(lambda: run_model(model, inputs), warmup, runs)
+        return timing, flops_cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,10 +482,8 @@ def decoder_section(bench: Bench) -> dict:
         ours_result = bench.measure(ours)
         rows.append(ours_result)
         for other in others:
-            timed = not (res > args.kl_max_resolution and "AutoencoderKL" in other.name)
-            result = bench.measure(other, timed=timed)
-            if not timed:
-                result.skipped = f"KL decoder above {args.kl_max_resolution}px: pass --kl-1024"
+            too_slow = res > args.kl_max_resolution and "AutoencoderKL" in other.name
+            result = bench.measure(other, skip="timed with --kl-1024" if too_slow else None)
             rows.append(result)
             speedups.append(_comparison(res, result, ours_result))
     return {"rows": rows, "speedups": speedups}
@@ -434,15 +498,18 @@ def ladder_section(bench: Bench) -> dict:
         per_res = {}
         for res in sorted({args.ladder_flops_resolution, *latency_res}):
             workload = snapgen_unet(name, config, res, args.snapgen_text_tokens)
-            per_res[res] = bench.measure(workload, timed=res in latency_res)
+            per_res[res] = bench.measure(workload, skip=None if res in latency_res else "FLOPs only")
         flops_row = per_res[args.ladder_flops_resolution]
-        steps.append({
-            "step": step,
-            "params": flops_row.params,
-            "flops": flops_row.flops,
-            "latency_s": {res: per_res[res].latency_s for res in latency_res},
-            "results": list(per_res.values()),
-        })
+        steps.append(
+            {
+                "step": step,
+                "params": flops_row.params,
+                "flops": flops_row.flops,
+                "latency_s": {res: per_res[res].latency_s for res in latency_res},
+                "timed": {res: per_res[res] for res in latency_res},
+                "results": list(per_res.values()),
+            }
+        )
     return {"flops_resolution": args.ladder_flops_resolution, "latency_resolutions": latency_res, "steps": steps}
 
 
@@ -456,6 +523,7 @@ def _comparison(res: int, baseline: Result, ours: Result) -> dict:
         "baseline": baseline.name,
         "ours": ours.name,
         "speedup": _ratio(baseline.latency_s, ours.latency_s),
+        "contended": _contended(baseline) or _contended(ours),
         "flops_ratio": _ratio(baseline.flops, ours.flops),
         "params_ratio": _ratio(baseline.params, ours.params),
     }
@@ -464,6 +532,22 @@ def _comparison(res: int, baseline: Result, ours: Result) -> dict:
 # --------------------------------------------------------------------------------------------
 # Machine info and report
 # --------------------------------------------------------------------------------------------
+
+
+def cpu_jiffies() -> list[int] | None:
+    """The aggregate ``cpu`` line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two ``cpu_jiffies`` readings."""
+    if not start or not end or len(start) < 8:
+        return None
+    delta = [b - a for a, b in zip(start, end, strict=False)]
+    return delta[7] / sum(delta[:8]) if sum(delta[:8]) else None
 
 
 def machine_info(threads: int) -> dict:
@@ -480,8 +564,9 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     import diffusers
@@ -512,8 +597,8 @@ CPU cores, peak memory about 11 GB for the SDXL U-Net at 1024 px):
 
 It rewrites this file and saves the raw numbers to `bench/results/efficiency.json`. Options:
 `--runs N` (timed calls per workload, default 3), `--kl-1024` (also time the KL decoders at
-1024 px, minutes per call on a CPU), `--ladder-1024` (ladder latency at 1024 px as well),
-`--quick` (smoke test at 128 px); `--help` lists the rest.
+1024 px, about a minute per call on 2 cores), `--ladder-1024` (ladder latency at 1024 px as
+well), `--quick` (smoke test at 128 px, about 2 minutes); `--help` lists the rest.
 
 What is measured, all with random weights, fp32, batch 1, `torch.inference_mode`, on the CPU
 with `torch.set_num_threads` = the usable cores, in a single run:
@@ -533,24 +618,42 @@ with `torch.set_num_threads` = the usable cores, in a single run:
 
 Columns: **params**; **FLOPs** of one call from `torch.utils.flop_counter.FlopCounterMode`
 on the meta device (a multiply-add counts 2; only convolutions, matmuls/linears and attention
-are counted, not norms or activations), split into conv / linear / attention (QK^T and AV);
-**latency**: median wall-clock of N timed calls after one warm-up call; **GFLOP/s** = FLOPs /
-latency; **peak RSS**: the process's peak resident memory while the model was built and run
-(weights included; `+` = increase over the RSS before building). Speed-up = baseline latency
-/ SnapGen latency. CPU latencies rank the designs; they do not predict phone latency (the
-paper's 274 ms U-Net step is on an iPhone 16 Pro Max's Neural Engine).
+are counted, not norms or activations), split into conv / linear / attention (QK^T and AV;
+published counts that skip these give roughly conv + linear); the warm-up call counts again on
+real CPU tensors as a cross-check. **latency**: median wall-clock of N timed calls after one
+warm-up call (a single timed call above 4 TFLOPs: the SDXL U-Net and the KL decoders at
+1024 px); **GFLOP/s** = FLOPs / latency; **peak RSS**: the process's peak resident memory while
+the model was built and run (weights included; `+` = increase over the RSS before building).
+Speed-up = baseline latency / SnapGen latency. The run section records the load average, the
+hypervisor's CPU steal and the lowest CPU utilisation of any timed workload: numbers from a
+machine whose cores were shared are not comparable. CPU latencies rank the designs; they do
+not predict phone latency (the paper's 274 ms U-Net step is on an iPhone 16 Pro Max).
 """
 
 
-def _gb(value: int | None) -> str:
-    return "—" if value is None else f"{value / 1e9:.2f}"
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 1e9:.2f} GB" if value >= 1e9 else f"{value / 1e6:.0f} MB"
 
 
-def _fmt_latency(r: Result) -> str:
+def _contended(r: Result) -> bool:
+    return r.cpu_utilisation is not None and r.cpu_utilisation < LOW_CPU_UTILISATION
+
+
+def _fmt_latency(r: Result, runs: bool = True) -> str:
     if r.latency_s is None:
-        return f"— ({r.skipped})" if r.skipped else "—"
-    spread = f" (n={len(r.latency_runs)})"
-    return (f"{r.latency_s * 1e3:.1f} ms" if r.latency_s < 1 else f"{r.latency_s:.2f} s") + spread
+        return f"— ({r.skipped})" if r.skipped and runs else "—"
+    text = f"{r.latency_s * 1e3:.1f} ms" if r.latency_s < 1 else f"{r.latency_s:.2f} s"
+    return text + (f" (n={len(r.latency_runs)})" if runs else "") + (" *" if _contended(r) else "")
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return "—" if not load else ", ".join(f"{x:.2f}" for x in load)
+
+
+def _fmt_share(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.0f} %"
 
 
 def _fmt_params(n: int) -> str:
@@ -574,28 +677,56 @@ def _fmt_result(r: Result) -> str:
     return f"{_fmt_params(r.params)}, {_fmt_flops(r.flops)}FLOPs, {_fmt_latency(r)}{gflops}"
 
 
+def _contention_note(results: list[Result]) -> list[str]:
+    if not any(_contended(r) for r in results):
+        return []
+    return [
+        "",
+        f"\\* CPU utilisation below {LOW_CPU_UTILISATION:.0%} while timing: other processes shared the "
+        "cores, so this latency is inflated; rerun on an idle machine.",
+    ]
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _measurement_table(rows: list[Result]) -> list[str]:
-    headers = ["model", "px", "latent", "params", "FLOPs", "conv / linear / attn", "latency",
-               "GFLOP/s", "peak RSS GB (+)"]
+    headers = ["model", "px", "latent", "params", "FLOPs", "conv / linear / attn", "latency", "GFLOP/s", "peak RSS (+)"]
     body = []
     for r in rows:
         kinds = " / ".join(_fmt_flops(r.flops_by_kind.get(k, 0)) for k in ("conv", "linear", "attention"))
-        rss = "—" if r.peak_rss_bytes is None else f"{_gb(r.peak_rss_bytes)} (+{_gb(r.rss_increase_bytes)})"
-        body.append([r.name, str(r.resolution), "x".join(map(str, r.latent)), _fmt_params(r.params),
-                     _fmt_flops(r.flops), kinds, _fmt_latency(r),
-                     "—" if r.gflops_per_s is None else f"{r.gflops_per_s:.1f}", rss])
-    return _table(headers, body)
+        rss = "—" if r.peak_rss_bytes is None else f"{_bytes(r.peak_rss_bytes)} (+{_bytes(r.rss_increase_bytes)})"
+        body.append(
+            [
+                r.name,
+                str(r.resolution),
+                "x".join(map(str, r.latent)),
+                _fmt_params(r.params),
+                _fmt_flops(r.flops),
+                kinds,
+                _fmt_latency(r),
+                "—" if r.gflops_per_s is None else f"{r.gflops_per_s:.1f}",
+                rss,
+            ]
+        )
+    return _table(headers, body) + _contention_note(rows)
 
 
 def _speedup_table(speedups: list[dict]) -> list[str]:
     headers = ["px", "baseline", "vs", "speed-up (latency)", "FLOPs ratio", "params ratio"]
-    body = [[str(s["resolution"]), s["baseline"], s["ours"], _fmt_x(s["speedup"]), _fmt_x(s["flops_ratio"]),
-             _fmt_x(s["params_ratio"])] for s in speedups]
+    body = [
+        [
+            str(s["resolution"]),
+            s["baseline"],
+            s["ours"],
+            _fmt_x(s["speedup"]) + (" *" if s["contended"] and s["speedup"] else ""),
+            _fmt_x(s["flops_ratio"]),
+            _fmt_x(s["params_ratio"]),
+        ]
+        for s in speedups
+    ]
     return _table(headers, body)
 
 
@@ -606,15 +737,23 @@ def _ladder_table(ladder: dict) -> list[str]:
         headers += [f"latency @{res}", f"Δ latency @{res}"]
     body, prev = [], None
     for i, step in enumerate(ladder["steps"]):
-        row = [str(i), step["step"], _fmt_params(step["params"]), _fmt_change(step["params"], prev and prev["params"]),
-               _fmt_flops(step["flops"]), _fmt_change(step["flops"], prev and prev["flops"])]
+        row = [
+            str(i),
+            step["step"],
+            _fmt_params(step["params"]),
+            _fmt_change(step["params"], prev and prev["params"]),
+            _fmt_flops(step["flops"]),
+            _fmt_change(step["flops"], prev and prev["flops"]),
+        ]
         for res in lres:
-            latency = step["latency_s"][res]
-            row += ["—" if latency is None else f"{latency * 1e3:.0f} ms",
-                    _fmt_change(latency, prev and prev["latency_s"][res])]
+            row += [
+                _fmt_latency(step["timed"][res], runs=False),
+                _fmt_change(step["latency_s"][res], prev and prev["latency_s"][res]),
+            ]
         body.append(row)
         prev = step
-    return _table(headers, body)
+    timed = [r for step in ladder["steps"] for r in step["timed"].values()]
+    return _table(headers, body) + _contention_note(timed)
 
 
 def render_markdown(report: dict) -> str:
@@ -625,8 +764,12 @@ def render_markdown(report: dict) -> str:
     cpus = f"{m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs"
     lines += [
         f"- date: {m['date_utc']}; git: {m['git']}",
-        f"- machine: {m['cpu']}, {cpus}, {_gb(m['ram_bytes'])} GB RAM; {m['platform']}",
-        f"- load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}",
+        f"- machine: {m['cpu']}, {cpus}, {_bytes(m['ram_bytes'])} RAM; {m['platform']}",
+        f"- load average at start / end: {_fmt_load(m['load_average_at_start'])} / "
+        f"{_fmt_load(report['load_average_at_end'])}; CPU steal during the run: "
+        f"{_fmt_share(report['cpu_steal_share'])}; lowest CPU utilisation of a timed workload "
+        f"(CPU s / wall s / threads; well below 100 % = the cores were shared): "
+        f"{_fmt_share(report['min_cpu_utilisation'])}",
         f"- torch {m['torch']} ({m['torch_threads']} threads, flush-denormal {s['flush_denormal']}), "
         f"diffusers {m['diffusers']}, Python {m['python']}",
         f"- runs: {s['runs']} timed after {s['warmup']} warm-up (workloads above "
@@ -637,14 +780,27 @@ def render_markdown(report: dict) -> str:
     sections = report["sections"]
     if "unet" in sections:
         lines += ["", "## U-Net: one step", "", *_measurement_table(sections["unet"]["rows"])]
+        lines += [_flops_note(r) for r in sections["unet"]["rows"] if r.name.startswith("SDXL")]
         if sections["unet"]["speedups"]:
             lines += ["", *_speedup_table(sections["unet"]["speedups"])]
     if "decoder" in sections:
-        lines += ["", "## Decoder: latents -> image", "", *_measurement_table(sections["decoder"]["rows"]),
-                  "", *_speedup_table(sections["decoder"]["speedups"])]
+        lines += [
+            "",
+            "## Decoder: latents -> image",
+            "",
+            *_measurement_table(sections["decoder"]["rows"]),
+            "",
+            *_speedup_table(sections["decoder"]["speedups"]),
+        ]
     if "ladder" in sections:
-        lines += ["", "## Ladder: SDXL-like -> snapgen-379m", "",
-                  "Δ = change against the previous step.", "", *_ladder_table(sections["ladder"])]
+        lines += [
+            "",
+            "## Ladder: SDXL-like -> snapgen-379m",
+            "",
+            "Δ = change against the previous step.",
+            "",
+            *_ladder_table(sections["ladder"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -656,6 +812,15 @@ def _to_json(obj):
     if isinstance(obj, (list, tuple)):
         return [_to_json(v) for v in obj]
     return obj
+
+
+def _flops_note(r: Result) -> str:
+    """Conv + linear FLOPs alone: the figure most published counts (no attention matmuls) give."""
+    dense = r.flops_by_kind.get("conv", 0) + r.flops_by_kind.get("linear", 0)
+    return (
+        f"\n{r.name} at {r.resolution} px: {_fmt_flops(r.flops)}FLOPs in all, {_fmt_flops(dense)}FLOPs "
+        "in convolutions and linear layers alone (counters that skip attention's QK^T/AV give the latter)."
+    )
 
 
 def _flops_check(results: list[Result]) -> str:
@@ -672,39 +837,67 @@ def _flops_check(results: list[Result]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="write the markdown report here (default: print it)")
-    p.add_argument("--json", type=Path, help=f"raw results (default: {DEFAULT_JSON.relative_to(REPO)}, "
-                                              "or efficiency-quick.json with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 128 px, 1 run, ladder FLOPs at 256 px, no model over 1 B params timed")
-    p.add_argument("--sections", nargs="+", choices=["unet", "decoder", "ladder"],
-                   default=["unet", "decoder", "ladder"])
-    p.add_argument("--runs", type=int, default=3, help="timed calls per workload (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    p.add_argument("--slow-runs", type=int, default=1, help="timed calls for workloads above --slow-flops")
-    p.add_argument("--slow-flops", type=float, default=2e12,
-                   help="FLOPs per call above which --slow-runs applies (SDXL U-Net and KL decoders at 1024 px)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPU cores)")
-    p.add_argument("--unet-resolutions", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--decoder-resolutions", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--kl-1024", action="store_true", help="also time the AutoencoderKL decoders at 1024 px")
-    p.add_argument("--ladder-flops-resolution", type=int, default=1024)
+    p.add_argument(
+        "--json",
+        type=Path,
+        help=f"raw results (default: {DEFAULT_JSON.relative_to(REPO)}, or efficiency-quick.json with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 128 px, 1 run, ladder FLOPs at 256 px, no model over 500 M params timed",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=["unet", "decoder", "ladder"],
+        default=["unet", "decoder", "ladder"],
+        help="which sections to run (default: all)",
+    )
+    p.add_argument("--runs", type=int, default=3, help="timed calls per workload, median reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default: 1)")
+    p.add_argument("--slow-runs", type=int, default=1, help="timed calls for workloads above --slow-flops (default: 1)")
+    p.add_argument(
+        "--slow-flops",
+        type=float,
+        default=4e12,
+        help="FLOPs per call above which --slow-runs applies; the default 4e12 catches the SDXL U-Net "
+        "(6.8 T) and the KL decoders (10.5 T) at 1024 px",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPU cores)")
+    p.add_argument("--unet-resolutions", type=int, nargs="+", default=[512, 1024], help="pixels (default: 512 1024)")
+    p.add_argument("--decoder-resolutions", type=int, nargs="+", default=[512, 1024], help="pixels (default: 512 1024)")
+    p.add_argument(
+        "--kl-1024", action="store_true", help="also time the AutoencoderKL decoders above 512 px (minutes a call)"
+    )
+    p.add_argument(
+        "--ladder-flops-resolution", type=int, default=1024, help="ladder FLOPs at this size (default: 1024)"
+    )
     p.add_argument("--ladder-1024", action="store_true", help="ladder latency at 1024 px as well as 512 px")
     p.add_argument("--skip-sdxl", action="store_true", help="U-Net section: SnapGen only")
-    p.add_argument("--snapgen-text-tokens", type=int, default=SNAPGEN_TEXT_TOKENS,
-                   help="merged text length for SnapGen U-Nets (CLIP-L 77 + CLIP-G 77 + Gemma-2 128)")
-    p.add_argument("--latency-max-params", type=float, default=None,
-                   help="only count params/FLOPs (no CPU build, no timing) for models above this size")
+    p.add_argument(
+        "--snapgen-text-tokens",
+        type=int,
+        default=SNAPGEN_TEXT_TOKENS,
+        help=f"merged text length of SnapGen U-Nets (default: {SNAPGEN_TEXT_TOKENS} = CLIP-L 77 + CLIP-G 77 "
+        "+ Gemma-2 128, MergedTextEncoder's length with its encoders' defaults)",
+    )
+    p.add_argument(
+        "--latency-max-params",
+        type=float,
+        default=None,
+        help="models above this many params get params and FLOPs only (no CPU build, no timing)",
+    )
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.quick:
         args.unet_resolutions = [128]
         args.decoder_resolutions = [128]
         args.ladder_flops_resolution = 256
-        args.runs = min(args.runs, 2)
-        args.latency_max_params = args.latency_max_params or 1e9
+        args.runs = 1
+        args.latency_max_params = args.latency_max_params or 5e8
     args.kl_max_resolution = max(args.decoder_resolutions) if args.kl_1024 else 512
     base = min(args.unet_resolutions) if args.quick else 512
     args.ladder_latency_resolutions = [base, 1024] if args.ladder_1024 and not args.quick else [base]
@@ -719,7 +912,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
     flush_denormal = torch.set_flush_denormal(True)  # random weights must not hit slow denormal paths
     machine = machine_info(torch.get_num_threads())
-    started = time.perf_counter()
+    started, jiffies = time.perf_counter(), cpu_jiffies()
     bench = Bench(args)
     builders = {"unet": unet_section, "decoder": decoder_section, "ladder": ladder_section}
     sections = {}
@@ -732,6 +925,9 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"flush_denormal": flush_denormal},
         "wall_time_s": time.perf_counter() - started,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_steal_share": steal_share(jiffies, cpu_jiffies()),
+        "min_cpu_utilisation": min((r.cpu_utilisation for r in results if r.cpu_utilisation), default=None),
         "flops_devices": sorted({r.flops_device for r in results}),
         "flops_check": _flops_check(results),
         "sections": sections,

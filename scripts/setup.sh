@@ -10,5 +10,5 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and on its own, so that no other package's requirement can pull a CUDA build.
 .venv/bin/pip install -q -c constraints.txt torch
-.venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+.venv/bin/pip install -q -c constraints.txt -e '.[train,serve,export,dev]'
 .venv/bin/python -c "import torch, snapgen; print('snapgen', snapgen.__version__, '| torch', torch.__version__)"
