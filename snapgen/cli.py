@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -65,12 +66,29 @@ def _add_init_model(sub):
     p.set_defaults(func=cmd_init_model)
 
 
+# The other rooms of the project add their own subcommands (`train`, `serve`, `export`, ...):
+# each of these modules has ``add_commands(subparsers)`` and keeps its heavy imports lazy.
+EXTENSIONS = ("training.cli", "server.cli", "mobile_export.cli")
+
+
+def _add_extensions(sub) -> None:
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name in (name, name.split(".")[0]):
+                continue  # that part of the project is not installed
+            raise
+        module.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snapgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_info(sub)
     _add_init_model(sub)
+    _add_extensions(sub)
     return parser
 
 
