@@ -76,8 +76,9 @@ def _add_extensions(sub) -> None:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name in (name, name.split(".")[0]):
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
                 continue  # that part of the project is not installed
+
             raise
         module.add_commands(sub)
 
