@@ -1,0 +1,168 @@
+"""Evaluate a text-to-image pipeline on ShapesBench: a fixed prompt list, generation, judging, a report."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from . import judging as judge_module
+from .judging import judge
+from .render import sample_prompt
+from .spec import CATEGORIES, IMAGE_SIZE, SPEC_VERSION
+
+MAX_SEED = 2**32 - 1
+
+
+def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = None) -> list[dict]:
+    """The fixed evaluation list: ``n`` prompts without held-out compositions, then ``n_held_out``
+    (default ``n // 4``) prompts that each contain at least one. Both blocks cycle through the
+    categories single, two, count, position, so each category gets n/4 prompts (+-1).
+
+    Prompt ``j`` of a block is drawn with ``numpy.random.default_rng([seed, block, j])``."""
+    if n < len(CATEGORIES):
+        raise ValueError(f"n must be at least {len(CATEGORIES)} (one prompt per category), got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    n_held_out = n // 4 if n_held_out is None else n_held_out
+    if n_held_out < 0:
+        raise ValueError(f"n_held_out must be >= 0, got {n_held_out}")
+    items = []
+    for block, (count, held_out) in enumerate(((n, False), (n_held_out, True))):
+        for j in range(count):
+            category = CATEGORIES[j % len(CATEGORIES)]
+            prompt = sample_prompt(np.random.default_rng([seed, block, j]), category, held_out=held_out)
+            items.append({"prompt": prompt.text, "category": category, "held_out": held_out})
+    return items
+
+
+def _summary(records: list[dict]) -> dict:
+    counts, accuracy = {}, {}
+    for category in CATEGORIES:
+        mine = [r["correct"] for r in records if r["category"] == category]
+        counts[category] = {"correct": int(sum(mine)), "total": len(mine)}
+        accuracy[category] = sum(mine) / len(mine) if mine else None
+    present = [a for a in accuracy.values() if a is not None]
+    overall = sum(present) / len(present) if present else None
+    return {"accuracy": accuracy, "overall": overall, "counts": counts}
+
+
+def evaluate(
+    pipeline,
+    n: int = 600,
+    steps: int | None = None,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    n_held_out: int | None = None,
+    on_image: Callable[[int, dict, Image.Image], None] | None = None,
+) -> dict:
+    """Generate every prompt of ``evaluation_prompts(n, seed, n_held_out)`` with ``pipeline`` and judge it.
+
+    Image ``i`` of the list starts from the portable noise of seed ``seed + i``; ``steps`` and
+    ``guidance_scale`` default to the model's. The report (JSON-ready): ``accuracy`` per category and
+    ``overall`` (the mean of the four) on the main block, the same under ``held_out`` for the
+    held-out block, and ``records`` (one per prompt: prompt, category, seed, correct, judge details).
+    ``on_image(i, record, image)`` sees every generated image (e.g. to save or tile them)."""
+    from tqdm import tqdm
+
+    steps = pipeline.sampler.default_steps if steps is None else int(steps)
+    guidance_scale = pipeline.sampler.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = evaluation_prompts(n, seed, n_held_out)
+    if seed + len(items) - 1 > MAX_SEED:
+        raise ValueError(f"seed {seed} + {len(items)} prompts exceeds the largest noise seed {MAX_SEED}")
+    size = (IMAGE_SIZE, IMAGE_SIZE) if (IMAGE_SIZE, IMAGE_SIZE) in pipeline.resolutions else pipeline.default_size
+    height, width = size
+    # Fail on bad settings before generating anything.
+    pipeline.validate([items[0]["prompt"]], steps, guidance_scale, height, width, [seed])
+
+    start = time.perf_counter()
+    records = []
+    with tqdm(total=len(items), unit="img", desc="shapesbench", disable=not progress) as bar:
+        for lo in range(0, len(items), batch_size):
+            batch = items[lo : lo + batch_size]
+            seeds = [seed + lo + k for k in range(len(batch))]
+            images = pipeline(
+                [it["prompt"] for it in batch],
+                seeds=seeds,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                output_type="pil",
+            ).images
+            for k, (item, image, noise_seed) in enumerate(zip(batch, images, seeds)):
+                result = judge(image, item["prompt"])
+                record = {"index": lo + k, **item, "seed": noise_seed, "correct": result.correct}
+                record["details"] = result.details
+                records.append(record)
+                if on_image is not None:
+                    on_image(lo + k, record, image)
+            bar.update(len(batch))
+
+    main = _summary([r for r in records if not r["held_out"]])
+    held = _summary([r for r in records if r["held_out"]])
+    return {
+        "benchmark": "shapesbench",
+        "spec_version": SPEC_VERSION,
+        "model": str(getattr(pipeline, "model_dir", "") or "") or None,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "resolution": [height, width],
+        "n": n,
+        "n_held_out": len(records) - n,
+        **main,
+        "held_out": held,
+        "judge": {
+            "max_angle_deg": judge_module.MAX_ANGLE_DEG,
+            "min_alpha": judge_module.MIN_ALPHA,
+            "max_alpha": judge_module.MAX_ALPHA,
+            "min_area": judge_module.MIN_AREA,
+            "max_side": judge_module.MAX_SIDE,
+            "min_iou": judge_module.MIN_IOU,
+            "max_aspect": judge_module.MAX_ASPECT,
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+        "records": records,
+    }
+
+
+def sample_grid(cells: list[tuple[Image.Image, str, bool | None]], columns: int = 4, scale: int = 2) -> Image.Image:
+    """Tile (image, caption, correct) cells: each image enlarged ``scale`` x (nearest), its caption
+    below, prefixed "[ok]" (green) or "[x]" (red) when ``correct`` is known."""
+    if not cells:
+        raise ValueError("no images to tile")
+    try:
+        font = ImageFont.load_default(size=13)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    cell_w = IMAGE_SIZE * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    char_w = max(1, probe.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    wrap = max(8, int((cell_w - 8) / char_w))
+    line_h = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 3
+    texts = []
+    for _, caption, correct in cells:
+        mark = "" if correct is None else ("[ok] " if correct else "[x] ")
+        texts.append((textwrap.wrap(mark + caption, wrap) or [""], correct))
+    text_h = max(len(lines) for lines, _ in texts) * line_h + 6
+    rows = (len(cells) + columns - 1) // columns
+    pad = 4
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_w + text_h + pad) + pad), (32, 32, 32))
+    draw = ImageDraw.Draw(grid)
+    for k, ((image, _, _), (lines, correct)) in enumerate(zip(cells, texts)):
+        x = pad + (k % columns) * (cell_w + pad)
+        y = pad + (k // columns) * (cell_w + text_h + pad)
+        tile = image.convert("RGB").resize((cell_w, cell_w), Image.Resampling.NEAREST)
+        grid.paste(tile, (x, y))
+        color = (230, 230, 230) if correct is None else ((90, 220, 90) if correct else (240, 90, 90))
+        for li, line in enumerate(lines):
+            draw.text((x + 2, y + cell_w + 3 + li * line_h), line, fill=color, font=font)
+    return grid
