@@ -1,0 +1,233 @@
+"""What a worker runs: a small backend interface and its in-process PyTorch implementation.
+
+The sampling loop (text -> portable noise -> Euler steps with guidance -> decode) lives in
+:class:`StagedBackend`, written with the library's own pieces (``snapgen.noise``,
+``snapgen.sampling``); it calls three stages a subclass provides:
+
+    encode_text(prompts) -> TextEmbeddings
+    unet(latents, t, text) -> velocity            (each step; what a Triton backend sends away)
+    decode(latents) -> pixels in [-1, 1]
+
+:class:`TorchBackend` runs the three in this process. A Triton Inference Server backend (issue 7)
+subclasses :class:`StagedBackend` and replaces ``unet`` and ``decode`` with remote calls; the
+worker does not change. Images match ``SnapGenPipeline.__call__`` exactly (tested).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class Batch:
+    """Images that share size, steps and guidance; one prompt and seed per image."""
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompts: list[str] | None = None
+
+
+@dataclass
+class BackendOutput:
+    images: list[Any]  # uint8 (H, W, 3) numpy arrays
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+StepCallback = Callable[[int, int, Any], None]
+
+
+class Backend(ABC):
+    """A loaded model that turns batches into images."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What the API validates against and shows at /v1/models (plain JSON types only)."""
+
+    @abstractmethod
+    def validate(self, batch: Batch) -> None:
+        """Raise ``snapgen.pipeline.InvalidRequestError`` for anything this model cannot do."""
+
+    @abstractmethod
+    def generate(self, batch: Batch, on_step: StepCallback | None = None) -> BackendOutput:
+        """Run the batch; ``on_step(step, steps, latents)`` after each step, raising from it stops."""
+
+    def warmup(self) -> None:
+        """Run every supported size once so the first request pays no start-up costs."""
+        info = self.describe()
+        for height, width in info["sizes"][:4]:
+            self.generate(Batch(["warm-up"], [0], 1, info["guidance_scale"], height, width))
+
+
+class StagedBackend(Backend):
+    """The pipeline's sampling loop over three replaceable stages."""
+
+    # Subclasses set these.
+    sampler: Any  # snapgen.sampling.SamplerConfig
+    latent_channels: int
+    latent_factor: int
+    resolutions: list[tuple[int, int]]
+    max_prompt_tokens: int
+    name: str
+
+    @property
+    @abstractmethod
+    def device(self): ...
+
+    @property
+    @abstractmethod
+    def dtype(self): ...
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]): ...
+
+    @abstractmethod
+    def unet(self, latents, t, text): ...
+
+    @abstractmethod
+    def decode(self, latents): ...
+
+    @abstractmethod
+    def count_tokens(self, prompts: list[str]) -> list[int]: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "sizes": [[h, w] for h, w in self.resolutions],
+            "default_size": list(self.resolutions[0]),
+            "default_steps": int(self.sampler.default_steps),
+            "max_steps": int(self.sampler.max_steps),
+            "distilled_steps": sorted(int(s) for s in self.sampler.distilled_timesteps),
+            "guidance_scale": float(self.sampler.guidance_scale),
+            "max_prompt_tokens": int(self.max_prompt_tokens),
+            "latent_factor": int(self.latent_factor),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "backend": type(self).__name__,
+        }
+
+    def validate(self, batch: Batch) -> None:
+        from snapgen.pipeline import InvalidRequestError, SnapGenPipeline
+
+        # The pipeline's own checks, on this backend's model description.
+        SnapGenPipeline.validate(self, batch.prompts, batch.steps, batch.guidance_scale, batch.height, batch.width,
+                                 batch.seeds)  # fmt: skip
+        if batch.negative_prompts:
+            for i, count in enumerate(self.count_tokens(batch.negative_prompts)):
+                if count > self.max_prompt_tokens:
+                    raise InvalidRequestError(
+                        "negative_prompt",
+                        f"negative prompt {i} has {count} tokens; this model reads at most {self.max_prompt_tokens}",
+                    )
+
+    # SnapGenPipeline.validate reads these two attributes.
+    @property
+    def text_encoder(self):
+        return _TokenCounter(self.count_tokens, self.max_prompt_tokens)
+
+    def generate(self, batch: Batch, on_step: StepCallback | None = None) -> BackendOutput:
+        import torch
+
+        from snapgen.noise import randn_tensor
+        from snapgen.pipeline import to_uint8
+        from snapgen.sampling import guided, sample_euler
+        from snapgen.text import TextEmbeddings
+
+        with torch.no_grad():
+            start = time.perf_counter()
+            cond = self.encode_text(batch.prompts)
+            both = None
+            if batch.guidance_scale != 1.0:
+                negatives = batch.negative_prompts or [""] * len(batch.prompts)
+                uncond = self.encode_text(negatives)
+                both = TextEmbeddings(
+                    tokens=torch.cat([cond.tokens, uncond.tokens]),
+                    mask=torch.cat([cond.mask, uncond.mask]),
+                    pooled=None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled]),
+                )
+            text_done = time.perf_counter()
+
+            def velocity(x, t, with_uncond: bool):
+                if with_uncond:
+                    return self.unet(torch.cat([x, x]), torch.cat([t, t]), both)
+                return self.unet(x, t, cond)
+
+            f = self.latent_factor
+            shape = (self.latent_channels, batch.height // f, batch.width // f)
+            noise = randn_tensor(batch.seeds, shape, device=self.device, dtype=self.dtype)
+            timesteps = self.sampler.timesteps(batch.steps, batch.height, batch.width)
+            latents = sample_euler(guided(velocity, batch.guidance_scale), noise, timesteps, on_step)
+            unet_done = time.perf_counter()
+            images = to_uint8(self.decode(latents))
+            end = time.perf_counter()
+        timings = {"text_s": text_done - start, "unet_s": unet_done - text_done, "decode_s": end - unet_done}
+        return BackendOutput(images=images, timings=timings)
+
+
+@dataclass
+class _TokenCounter:
+    count_tokens: Callable[[list[str]], list[int]]
+    max_length: int
+
+
+class TorchBackend(StagedBackend):
+    """The model in this process (CPU or ``cuda:N``), optionally fp16/bf16, channels_last, compiled."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+        name: str | None = None,
+    ):
+        import torch
+
+        from snapgen.model_dir import load_pipeline
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.pipe = load_pipeline(model_dir, device=device, dtype=getattr(torch, DTYPES[dtype]))
+        self.name = name or Path(model_dir).resolve().name
+        self.sampler = self.pipe.sampler
+        self.latent_channels = int(self.pipe.unet.config.in_channels)
+        self.latent_factor = int(self.pipe.latent_factor)
+        self.resolutions = [tuple(r) for r in self.pipe.resolutions]
+        self.max_prompt_tokens = int(self.pipe.text_encoder.max_length)
+        if channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.decoder.to(memory_format=torch.channels_last)
+        self._unet = torch.compile(self.pipe.unet) if compile else self.pipe.unet
+        self._device, self._dtype = self.pipe.device, self.pipe.dtype
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def count_tokens(self, prompts):
+        return self.pipe.text_encoder.count_tokens(list(prompts))
+
+    def encode_text(self, prompts):
+        return self.pipe.encode_prompts(list(prompts))
+
+    def unet(self, latents, t, text):
+        return self._unet(latents, t, text.tokens, text.mask, text.pooled).sample
+
+    def decode(self, latents):
+        decoder = self.pipe.decoder
+        return decoder.decode(decoder.from_diffusion(latents))

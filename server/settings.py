@@ -1,0 +1,109 @@
+"""Server and worker settings: pydantic-settings, every field also a ``SNAPGEN_*`` environment variable.
+
+Command-line flags override the environment; the environment overrides these defaults. Lists
+(``SNAPGEN_API_KEYS``, ``SNAPGEN_CORS_ORIGINS``) are comma-separated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SNAPGEN_", extra="ignore", validate_default=True)
+
+    # -- where and how -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    redis_url: str | None = Field(None, description="redis://HOST:PORT/DB; unset = embedded mode (in-process queue)")
+    redis_prefix: str = Field("snapgen", pattern=r"^[A-Za-z0-9_.-]+$", description="key prefix of everything in Redis")
+    api_processes: int = Field(1, ge=1, le=64, description="uvicorn worker processes (Redis mode only)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # -- the model (embedded server and workers) ---------------------------------------------
+    model: Path | None = Field(None, description="model directory; unset = the embedded default model")
+    model_name: str | None = Field(None, description="name reported by the API; default: the directory's name")
+    device: str = "cpu"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    torch_threads: int | None = Field(None, ge=1)
+    warmup: bool = True
+
+    # -- API limits and security ---------------------------------------------------------------
+    api_keys: CommaList = Field(default_factory=list, description="Bearer keys; empty = no authentication")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (# comments)")
+    allow_unauthenticated: bool = Field(False, description="allow binding a non-loopback host without API keys")
+    rate_limit_per_minute: int = Field(0, ge=0, description="generate requests per key (or client) per minute; 0 = off")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_prompt_chars: int = Field(2000, ge=1, le=20000)
+    max_queue_depth: int = Field(256, ge=1, description="queued (not yet running) jobs before 429")
+    sync_timeout_s: float = Field(300.0, gt=0, description="longest a synchronous request waits before answering 202")
+    result_ttl_s: int = Field(24 * 3600, ge=10, description="how long jobs, results and images are kept")
+    cors_origins: CommaList = Field(default_factory=list)
+    public_url: str | None = Field(None, description="base URL for result links (default: from the request)")
+    mobile_dir: Path | None = Field(None, description="directory of Core ML bundles served by /v1/models/mobile")
+
+    # -- workers --------------------------------------------------------------------------------
+    worker_name: str | None = None
+    max_batch_images: int = Field(8, ge=1, le=256)
+    batch_wait_ms: float = Field(0.0, ge=0, description="extra wait for compatible jobs before running a batch")
+    heartbeat_s: float = Field(2.0, gt=0)
+    claim_idle_s: float = Field(30.0, gt=0, description="a job pending this long on a silent worker is reclaimed")
+    max_deliveries: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM: finish the batch if done within this time")
+    worker_metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{value!r} is not a Redis URL; write redis://HOST:PORT/DB")
+        return value or None
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in Path(self.api_keys_file).read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.append(line)
+        return keys
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    def to_env(self) -> dict[str, str]:
+        """The ``SNAPGEN_*`` variables that reproduce these settings (for child processes)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                text = ",".join(value)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"SNAPGEN_{name.upper()}"] = text
+        return env
+
+
+def settings_from(overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from the environment with ``overrides`` (unset flags are None and skipped)."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return Settings(**given)

@@ -1,0 +1,499 @@
+"""The worker: takes jobs from the queue, batches compatible ones, runs them on a backend.
+
+One loop: reserve jobs -> validate -> group by (size, steps, guidance) up to ``max_batch_images``
+-> start -> generate (progress and cancellation every step) -> encode -> complete. Jobs that do
+not fit the batch wait in a small local buffer (still owned by this worker, kept alive by the
+heartbeat) for the next round.
+
+Shutdown (SIGTERM, or the embedded server stopping): no new jobs are taken; the running batch
+finishes if it can within ``drain_timeout_s``, otherwise it stops at the next step and its jobs
+(and the buffered ones) are handed back to the queue for another worker. A second SIGTERM hands
+back at once. A worker killed outright (SIGKILL, power loss) is covered by the queue: its jobs
+are reclaimed after ``claim_idle_s`` and run elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .backends import Backend, Batch
+from .queue import QUEUED, RUNNING, Job, JobQueue, QueueUnavailable
+
+log = logging.getLogger("snapgen.worker")
+
+MAX_SEED = 2**32 - 1
+
+
+class _Stop(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_image(array, fmt: str) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, format="PNG")  # the same bytes `snapgen generate` writes
+    elif fmt == "jpeg":
+        image.save(buffer, format="JPEG", quality=90)
+    elif fmt == "webp":
+        image.save(buffer, format="WEBP", quality=90)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}")
+    return buffer.getvalue()
+
+
+def job_seeds(job: Job) -> list[int]:
+    seed = int(job.request["seed"])
+    return [(seed + i) % (MAX_SEED + 1) for i in range(job.n)]
+
+
+def batch_key(job: Job) -> tuple:
+    """Jobs with equal keys can share one batch."""
+    r = job.request
+    return (r.get("height"), r.get("width"), r.get("steps"), r.get("guidance_scale"))
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        load_backend: Callable[[], Backend],
+        *,
+        name: str | None = None,
+        max_batch_images: int = 8,
+        batch_wait_ms: float = 0.0,
+        heartbeat_s: float = 2.0,
+        drain_timeout_s: float = 20.0,
+        warmup: bool = True,
+        model_name: str | None = None,
+        metrics: Any = None,
+    ):
+        self.queue = queue
+        self.load_backend = load_backend
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_batch_images = max_batch_images
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.heartbeat_s = heartbeat_s
+        self.drain_timeout_s = drain_timeout_s
+        self.do_warmup = warmup
+        self.model_name = model_name
+        self.metrics = metrics
+        self.backend: Backend | None = None
+        self.info: dict[str, Any] | None = None
+        self.state = "starting"
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+        self._stopping = threading.Event()
+        self._deadline: float | None = None
+        self._buffer: list[Job] = []
+        self._active: list[Job] = []
+        self._validated: set[str] = set()
+        self._avg_batch_s: float | None = None
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    # -- control ----------------------------------------------------------------------------
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop taking jobs; the running batch may finish within the drain timeout. Again: hand back now."""
+        now = time.monotonic()
+        if self._stopping.is_set():
+            self._deadline = now
+        else:
+            drain = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+            self._deadline = now + drain
+            self._stopping.set()
+        log.info("worker %s stopping (hand-back deadline in %.1fs)", self.name, max(0.0, self._deadline - now))
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def start_thread(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self._run_catching, name=f"worker-{self.name}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_catching(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            log.exception("worker %s failed", self.name)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        heartbeat = None
+        try:
+            self.state = "loading"
+            self.backend = self.load_backend()
+            if self.do_warmup:
+                self.state = "warming up"
+                started = time.perf_counter()
+                self.backend.warmup()
+                log.info("worker %s warmed up in %.2fs", self.name, time.perf_counter() - started)
+            self.info = self.backend.describe()
+            if self.model_name:
+                self.info["id"] = self.model_name
+            heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True)
+            heartbeat.start()
+            backoff = 0.2
+            while not self._stopping.is_set():
+                try:
+                    self._send_heartbeat()
+                    break
+                except QueueUnavailable as e:
+                    log.warning("worker %s: queue unavailable (%s); retrying in %.1fs", self.name, e, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            self.state = "ready"
+            self.ready.set()
+            log.info("worker %s ready: model %s on %s", self.name, self.info["id"], self.info["device"])
+            backoff = 0.2
+            while not self._stopping.is_set():
+                try:
+                    self._round()
+                    backoff = 0.2
+                except QueueUnavailable as e:
+                    log.warning("worker %s: queue unavailable (%s); retrying in %.1fs", self.name, e, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        except Exception as e:
+            self.state = "failed"
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if self._buffer:
+                self._hand_back(self._buffer)
+                self._buffer = []
+            if self.state != "failed":
+                self.state = "stopped"
+            self.stopped.set()
+            with_timeout(lambda: self.queue.deregister(self.name))
+
+    def _round(self) -> None:
+        room = self.max_batch_images - len(self._buffer)
+        jobs = list(self._buffer)
+        if room > 0:
+            jobs += self._reserve(room, block_s=0.0 if jobs else 1.0)
+        if jobs and self.batch_wait_s > 0 and len(jobs) < self.max_batch_images:
+            jobs += self._reserve(self.max_batch_images - len(jobs), block_s=self.batch_wait_s)
+        self._buffer = []
+        jobs = [j for j in jobs if self._validate(j)]
+        if not jobs:
+            return
+        group, rest = self._group(jobs)
+        self._buffer = rest
+        self._run(group)
+
+    def _reserve(self, max_jobs: int, block_s: float) -> list[Job]:
+        jobs = self.queue.reserve(self.name, max_jobs, block_s)
+        if self.metrics is not None:
+            redelivered = sum(1 for j in jobs if j.deliveries > 1)
+            if redelivered:
+                self.metrics.jobs_redelivered.inc(redelivered)
+            dead = self.queue.take_dead_lettered()
+            if dead:
+                self.metrics.jobs_dead_lettered.inc(dead)
+                self.metrics.jobs_finished.labels(status="failed").inc(dead)
+        for job in jobs:
+            if job.deliveries > 1:
+                log.info("worker %s: job %s re-delivered (delivery %d)", self.name, job.id, job.deliveries)
+        return jobs
+
+    def _batch_for(self, jobs: list[Job]) -> Batch:
+        r = jobs[0].request
+        prompts, negatives, seeds = [], [], []
+        for job in jobs:
+            prompts += [job.request["prompt"]] * job.n
+            negatives += [job.request.get("negative_prompt") or ""] * job.n
+            seeds += job_seeds(job)
+        return Batch(
+            prompts=prompts,
+            seeds=seeds,
+            steps=int(r["steps"]),
+            guidance_scale=float(r["guidance_scale"]),
+            height=int(r["height"]),
+            width=int(r["width"]),
+            negative_prompts=negatives if any(negatives) else None,
+        )
+
+    def _fill_defaults(self, job: Job) -> None:
+        r, info = job.request, self.info
+        r.setdefault("height", None)
+        r.setdefault("width", None)
+        if r.get("height") is None:
+            r["height"] = info["default_size"][0]
+        if r.get("width") is None:
+            r["width"] = info["default_size"][1]
+        if r.get("steps") is None:
+            r["steps"] = info["default_steps"]
+        if r.get("guidance_scale") is None:
+            r["guidance_scale"] = info["guidance_scale"]
+
+    def _validate(self, job: Job) -> bool:
+        from snapgen.pipeline import InvalidRequestError
+
+        if job.id in self._validated:
+            return True
+        self._fill_defaults(job)
+        try:
+            self.backend.validate(self._batch_for([job]))
+        except InvalidRequestError as e:
+            error = {"code": "invalid_request", "field": e.field, "message": e.message}
+            self._write(lambda: self.queue.fail(job, error))
+            self._count_finished("failed")
+            return False
+        self._validated.add(job.id)
+        return True
+
+    def _group(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+        key = batch_key(jobs[0])
+        group, rest, images = [], [], 0
+        for job in jobs:
+            if batch_key(job) == key and (not group or images + job.n <= self.max_batch_images):
+                group.append(job)
+                images += job.n
+            else:
+                rest.append(job)
+        return group, rest
+
+    def _run(self, group: list[Job]) -> None:
+        try:
+            runnable = self.queue.start(self.name, group)
+        except QueueUnavailable:
+            self._buffer = group + self._buffer  # still ours: try again when the queue is back
+            raise
+        for job in group:
+            self._validated.discard(job.id)
+        if not runnable:
+            return
+        batch = self._batch_for(runnable)
+        canceled: set[str] = set()
+        last = {"t": 0.0}
+
+        def on_step(step, steps, latents):
+            active = [j for j in runnable if j.id not in canceled]
+            now = time.monotonic()
+            if step == steps or now - last["t"] >= 0.02:  # progress at most 50 times a second
+                last["t"] = now
+                try:
+                    newly = self.queue.progress(active, step, steps)
+                except QueueUnavailable:
+                    newly = set()
+                for job in active:
+                    if job.id in newly:
+                        canceled.add(job.id)
+                        self._write(lambda job=job: self.queue.mark_canceled(job))
+                        self._count_finished("canceled")
+            if len(canceled) == len(runnable):
+                raise _Stop("canceled")
+            if self._deadline is not None and now >= self._deadline:
+                raise _Stop("hand back")
+
+        self._busy = True
+        self._active = runnable
+        started = time.perf_counter()
+        try:
+            output = self.backend.generate(batch, on_step)
+        except _Stop as stop:
+            self._active = []
+            if stop.reason == "hand back":
+                self._hand_back([j for j in runnable if j.id not in canceled])
+            return
+        except Exception as e:
+            self._active = []
+            log.exception("worker %s: batch of %d image(s) failed", self.name, len(batch.prompts))
+            error = {"code": "generation_failed", "message": f"the model failed on this batch: {type(e).__name__}: {e}"}
+            for job in runnable:
+                if job.id not in canceled:
+                    self._write(lambda job=job: self.queue.fail(job, error))
+                    self._count_finished("failed")
+            return
+        finally:
+            self._busy = False
+        elapsed = time.perf_counter() - started
+        self._avg_batch_s = elapsed if self._avg_batch_s is None else 0.8 * self._avg_batch_s + 0.2 * elapsed
+        try:
+            self._deliver(runnable, canceled, batch, output)
+        finally:
+            self._active = []
+
+    def _deliver(self, runnable: list[Job], canceled: set[str], batch: Batch, output) -> None:
+        m = self.metrics
+        if m is not None:
+            m.batch_size.observe(len(batch.prompts))
+            for stage in ("text", "unet", "decode"):
+                m.stage_seconds.labels(stage=stage).observe(output.timings[f"{stage}_s"])
+        offset = 0
+        for job in runnable:
+            images = output.images[offset : offset + job.n]
+            offset += job.n
+            if job.id in canceled:
+                continue
+            t0 = time.perf_counter()
+            fmt = job.request.get("output_format", "png")
+            encoded = [encode_image(a, fmt) for a in images]
+            encode_s = time.perf_counter() - t0
+            result = {
+                "model": self.info["id"],
+                "seeds": job_seeds(job),
+                "timings": {**output.timings, "encode_s": encode_s},
+                "batch_size": len(batch.prompts),
+                "format": fmt,
+                "count": job.n,
+                "size": [batch.height, batch.width],
+                "steps": batch.steps,
+                "guidance_scale": batch.guidance_scale,
+            }
+            stored = self._write(
+                lambda job=job, encoded=encoded, result=result: self.queue.complete(job, encoded, result)
+            )
+            if m is not None:
+                m.stage_seconds.labels(stage="encode").observe(encode_s)
+                if stored:
+                    m.images_generated.inc(job.n)
+                    now = time.time()
+                    m.e2e_latency.observe(max(0.0, now - job.created))
+                    if job.started:
+                        m.queue_wait.observe(max(0.0, job.started - job.created))
+            if stored:
+                self._count_finished("succeeded")
+
+    def _count_finished(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels(status=status).inc()
+
+    def _write(self, fn: Callable[[], Any]) -> Any:
+        """A queue write after work was done: retried while the queue is down (jobs are not lost)."""
+        backoff = 0.1
+        while True:
+            try:
+                return fn()
+            except QueueUnavailable as e:
+                if self._stopping.is_set() and self._deadline is not None and time.monotonic() > self._deadline + 30:
+                    log.error("worker %s: giving up a queue write (%s); the job will be re-delivered", self.name, e)
+                    return None
+                log.warning("worker %s: queue unavailable while storing a result (%s); retrying", self.name, e)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _hand_back(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if j.status in (QUEUED, RUNNING)]
+        if not jobs:
+            return
+        log.info("worker %s: handing back %d job(s)", self.name, len(jobs))
+        with_timeout(lambda: self.queue.release(jobs))
+
+    # -- heartbeat --------------------------------------------------------------------------
+    def _send_heartbeat(self) -> None:
+        self.queue.heartbeat(
+            self.name,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "state": self.state,
+                "busy": self._busy,
+                "device": self.info["device"] if self.info else None,
+                "model": self.info,
+                "heartbeat_s": self.heartbeat_s,
+                "max_batch_images": self.max_batch_images,
+                "avg_batch_s": self._avg_batch_s,
+            },
+            held=[*self._buffer, *self._active],
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopped.wait(self.heartbeat_s):
+            try:
+                self._send_heartbeat()
+            except QueueUnavailable as e:
+                log.debug("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat failed")
+
+
+def with_timeout(fn: Callable[[], Any], attempts: int = 5) -> Any:
+    """Best effort during shutdown: a few tries, then give up (the queue's reclaim covers the rest)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except QueueUnavailable:
+            time.sleep(0.2 * (i + 1))
+    return None
+
+
+def run_worker_process(settings) -> int:
+    """``snapgen worker``: one worker process on a Redis queue, until SIGTERM."""
+    from . import metrics
+    from .queue import RedisJobQueue
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    queue = RedisJobQueue(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        result_ttl_s=settings.result_ttl_s,
+        claim_idle_s=settings.claim_idle_s,
+        max_deliveries=settings.max_deliveries,
+    )
+    worker = Worker(
+        queue,
+        lambda: load_backend(settings),
+        name=settings.worker_name,
+        max_batch_images=settings.max_batch_images,
+        batch_wait_ms=settings.batch_wait_ms,
+        heartbeat_s=settings.heartbeat_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        warmup=settings.warmup,
+        model_name=settings.model_name,
+        metrics=metrics.worker_metrics(),
+    )
+    worker.install_signal_handlers()
+    if settings.worker_metrics_port is not None:
+        metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)
+    worker.run()
+    queue.close()
+    return 0
+
+
+def load_backend(settings) -> Backend:
+    from .backends import TorchBackend
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    model = settings.model
+    if model is None:
+        from snapgen.model_dir import default_model_dir
+
+        model = default_model_dir()
+    return TorchBackend(
+        model,
+        device=settings.device,
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        name=settings.model_name,
+    )
