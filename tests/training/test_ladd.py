@@ -1,0 +1,118 @@
+"""LADD: the frozen teacher as the discriminator's backbone, heads that learn, a 4/8-step export."""
+
+import json
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from snapgen.model_dir import load_pipeline, save_model
+from snapgen.models.autoencoder import SmallAutoencoder
+from snapgen.models.configs import build_unet
+from snapgen.sampling import SamplerConfig, flow_timesteps
+from snapgen.text import MiniLMTextEncoder
+from training.discriminator import LADDDiscriminator
+from training.stages.ladd import default_layers
+
+TINY_SD3 = dict(
+    sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+    joint_attention_dim=384, caption_projection_dim=16, pooled_projection_dim=384, out_channels=4,
+)
+
+
+def test_discriminator_heads_give_one_logit_per_location_and_read_the_noise_level():
+    torch.manual_seed(0)
+    disc = LADDDiscriminator({0: 16, 3: 32}, hidden=8, t_dim=16)
+    layers = {0: torch.randn(2, 16, 8, 8), 3: torch.randn(2, 32, 4, 4)}
+    logits = disc(layers, torch.tensor([0.3, 0.9]))
+    assert [tuple(x.shape) for x in logits] == [(2, 64), (2, 16)]
+    # FiLM starts at identity, so t matters once trained; give it weight and t changes the logits.
+    torch.nn.init.normal_(disc.heads["0"].film.weight)
+    a = disc(layers, torch.tensor([0.3, 0.3]))[0]
+    b = disc(layers, torch.tensor([0.9, 0.9]))[0]
+    assert not torch.allclose(a, b)
+    assert default_layers(38) == [9, 18, 27, 37] and default_layers(2) == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def ladd_parts(tmp_path_factory):
+    """A random autoencoder (32 px -> 16x16x4), a tiny SD3 teacher, and a student model directory."""
+    root = tmp_path_factory.mktemp("ladd")
+    torch.manual_seed(0)
+    autoencoder = SmallAutoencoder(block_out_channels=(8, 8), norm_num_groups=4)
+    autoencoder.save_pretrained(root / "ae")
+    SD3Transformer2DModel(**TINY_SD3).save_pretrained(root / "teacher" / "transformer")
+    save_model(root / "student", build_unet("snapgen-tiny"), autoencoder, MiniLMTextEncoder(max_length=16),
+               SamplerConfig(default_steps=8))
+    return root
+
+
+def ladd_stage(root):
+    from training.config import parse_config, parse_stage_options
+    from training.stages import stage_class
+
+    config = parse_config({
+        "stage": "ladd", "out_dir": str(root / "run"), "max_steps": 4, "batch_size": 2,
+        "data": {"kind": "shapes", "length": 4, "resolution": 32},
+        "stage_options": {"autoencoder": str(root / "ae"), "init_from": str(root / "student"),
+                          "teacher": str(root / "teacher"), "cache": "off", "sample_shift": 3.0,
+                          "disc_hidden": 16},
+    })
+    cls = stage_class("ladd")
+    torch.manual_seed(0)
+    return cls(config, parse_stage_options(config, cls.Options), torch.device("cpu")), config
+
+
+def test_ladd_steps_train_the_heads_keep_the_teacher_frozen_and_export_distilled_times(ladd_parts):
+    from training.data import build_dataset, collate
+
+    stage, config = ladd_stage(ladd_parts)
+    stage.check_compatible()
+    modules = stage.trainable_modules()
+    assert set(modules) == {"generator", "discriminator"}
+    optimizers = {
+        "generator": torch.optim.AdamW(modules["generator"].parameters(), lr=1e-4),
+        "discriminator": torch.optim.AdamW(modules["discriminator"].parameters(), lr=1e-2),
+    }
+    teacher_before = {k: v.clone() for k, v in stage.teacher.state_dict().items()}
+    dataset = build_dataset(config.data, 32)
+    batch = collate([dataset[i] for i in range(2)])
+
+    d_losses = []
+    for step in range(12):
+        torch.manual_seed(1)  # a fixed batch: same times, noise and re-noising every step
+        for name in modules:
+            others = [p for other, m in modules.items() if other != name for p in m.parameters()]
+            for p in others:  # what the loop does: only this optimizer's parameters need grad
+                p.requires_grad_(False)
+            loss, metrics = stage.loss(name, batch, step)
+            for p in others:
+                p.requires_grad_(True)
+            optimizers[name].zero_grad()
+            held = [None if p.grad is None else p.grad.clone() for p in modules["discriminator"].parameters()]
+            loss.backward()
+            if name == "generator":  # through the heads and the teacher, into the generator only
+                assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in modules["generator"].parameters())
+                for p, g in zip(modules["discriminator"].parameters(), held):
+                    assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+            optimizers[name].step()
+        d_losses.append(metrics["loss_d"])
+        stage.on_step_end(step)
+    assert d_losses[-1] < d_losses[0] - 0.15, d_losses
+    assert all(p.grad is None and not p.requires_grad for p in stage.teacher.parameters())
+    for k, v in stage.teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_before[k])
+
+    product = stage.export(ladd_parts / "run")
+    sampler = json.loads((product / "scheduler" / "scheduler_config.json").read_text())
+    assert sampler["default_steps"] == 4 and set(sampler["distilled_timesteps"]) == {"4", "8"}
+    for n in (4, 8):
+        want = flow_timesteps(n, 3.0)[:-1].tolist()
+        assert sampler["distilled_timesteps"][str(n)] == pytest.approx(want, abs=1e-6)
+
+    pipe = load_pipeline(product)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1][0])))
+    out = pipe(["a red circle"], seeds=0, height=32, width=32)  # steps: the default, 4
+    assert seen == pytest.approx(sampler["distilled_timesteps"]["4"], abs=1e-6)
+    assert out.images[0].size == (32, 32)

@@ -1,0 +1,58 @@
+"""``snapgen train STAGE --config FILE [--resume] [--max-steps N] [--out DIR]``.
+
+Single process: ``snapgen train pretrain --config configs/micro/pretrain.yaml``.
+Several processes / GPUs: ``torchrun --nproc_per_node 8 -m snapgen.cli train pretrain --config ...``
+(or ``accelerate launch -m snapgen.cli train ...``); see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_commands(subparsers) -> None:
+    from .stages import STAGES
+
+    p = subparsers.add_parser("train", help="train one stage of the recipe from a YAML config")
+    p.add_argument("stage", choices=list(STAGES), help="the stage to train")
+    p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/ and docs/training.md)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
+    p.add_argument("--max-steps", type=int, help="override max_steps")
+    p.add_argument("--out", type=Path, help="override out_dir")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from pydantic import ValidationError
+
+    from snapgen.cli import CLIError
+
+    from . import checkpoint
+    from .config import ConfigError, load_config
+    from .distributed import shutdown
+    from .loop import Trainer
+
+    overrides = {}
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.out is not None:
+        overrides["out_dir"] = str(args.out)
+    try:
+        config = load_config(args.config, overrides)
+        if config.stage != args.stage:
+            raise ConfigError(f"{args.config} is a config for stage {config.stage!r}, not {args.stage!r}")
+        # Everything that can be wrong with the inputs fails here, before the first step.
+        trainer = Trainer(config, resume=args.resume)
+    except (ConfigError, ValidationError, FileNotFoundError, ValueError) as e:
+        shutdown()
+        raise CLIError(str(e)) from None
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        latest = checkpoint.latest(config.out_dir)
+        where = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        print(f"\nsnapgen train: interrupted at step {trainer.step}; {where}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        shutdown()

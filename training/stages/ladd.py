@@ -1,0 +1,217 @@
+"""Stage ``ladd``: step distillation by latent adversarial diffusion distillation (SD3-Turbo).
+
+The generator is the KD student (``init_from``: its model directory), trained to jump from any
+point of an N-step schedule (N in ``student_steps``, 4 and 8) to a clean latent in one step.
+The discriminator is the frozen teacher (``teacher``; SD3.5-Large-Turbo in the paper, the small
+MMDiT here) read at a few of its blocks by small trainable heads (``training/discriminator.py``).
+Per step, for real latents ``x0`` and captions ``c``:
+
+    N ~ student_steps, k ~ U{0..N-1}, t = tau_N[k]          tau_N = flow_timesteps(N, sample_shift)[:-1]
+    x_t = (1 - t) x0 + t eps,   x0_hat = x_t - t v_S(x_t, t, c)          one student step
+    t' ~ logit-normal(renoise_mean, renoise_std)                         high noise, as SD3-Turbo
+    real = (1 - t') x0 + t' eps',   fake = (1 - t') x0_hat + t' eps'     same t' and eps'
+    D(z) = heads(teacher blocks at (z, t', c), t')
+
+    generator:      L_G = adv_weight * hinge_G(D(fake)) + distill_weight * |v_S - v_T(x_t, t, c)|^2
+    discriminator:  L_D = hinge_D(D(real), D(fake.detach()))
+
+Re-noising both to the same high ``t'`` makes the discriminator judge the global layout (what a
+few-step sampler gets wrong) rather than pixel noise, and gives real and fake overlapping
+supports. The distillation term (output KD against ``distill_teacher``, default the teacher)
+keeps the generator on the teacher's flow while the adversarial term sharpens it.
+
+The generator's output is cached between the two optimizer calls of a step (``stages/base.py``).
+The product is a model directory whose sampler stores the distilled schedules
+(``distilled_timesteps`` for every N, ``default_steps`` = the first N), so ``load_pipeline``
+samples at exactly the trained times.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+
+from snapgen.flow import interpolate, predict_x0, sample_logit_normal
+from snapgen.models.unet import SnapGenUNet
+from snapgen.sampling import SamplerConfig, flow_timesteps
+
+from ..config import ConfigError
+from ..discriminator import LADDDiscriminator
+from ..distillation import output_kd_loss
+from ..inputs import check_model_dir, concat_text
+from ..losses import hinge_d_loss, hinge_g_loss
+from ..teacher import load_teacher
+from .base import Batch
+from .kd import TeacherText, check_teacher, drop_captions
+from .pretrain import FlowOptions, PretrainStage
+
+
+class LADDOptions(FlowOptions):
+    init_from: str  # the KD student: a model directory (or its unet/ folder)
+    teacher: str  # the discriminator's frozen feature extractor
+    distill_teacher: str | None = None  # target of the distillation term; default: the teacher
+    teacher_text_encoder: str | None = None  # see the kd stage; default: the student's embeddings
+    student_steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)
+    disc_layers: list[int] | None = None  # teacher blocks with a head; default: up to 4, evenly spaced
+    disc_hidden: int = Field(64, gt=0)
+    disc_lr: float | None = Field(None, gt=0)  # default: optim.lr
+    adv_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(1.0, ge=0)
+    renoise_mean: float = 1.0  # t' = sigmoid(renoise_mean + renoise_std * n): mostly high noise
+    renoise_std: float = Field(1.0, gt=0)
+    # Few-step samplers are used without guidance; the export's defaults.
+    cfg_dropout: float = Field(0.0, ge=0, le=1)
+    default_steps: int | None = Field(None, gt=0)  # default: student_steps[0]
+    guidance_scale: float = Field(1.0, ge=0)
+    sample_steps: int | None = Field(None, gt=0)  # default: student_steps[0]
+
+    @model_validator(mode="after")
+    def _check(self) -> LADDOptions:
+        if self.conditioning != "text":
+            raise ValueError("LADD is text-conditional: the teacher reads captions")
+        if any(n < 1 for n in self.student_steps) or len(set(self.student_steps)) != len(self.student_steps):
+            raise ValueError(f"student_steps must be distinct positive step counts, got {self.student_steps}")
+        self.default_steps = self.default_steps or self.student_steps[0]
+        self.sample_steps = self.sample_steps or self.student_steps[0]
+        return self
+
+
+def default_layers(num_layers: int, count: int = 4) -> list[int]:
+    """Up to ``count`` evenly spaced block indices, always including the last."""
+    count = min(count, num_layers)
+    return sorted({round((i + 1) * num_layers / count) - 1 for i in range(count)})
+
+
+class LADDStage(PretrainStage):
+    name = "ladd"
+    Options = LADDOptions
+
+    def __init__(self, config, options: LADDOptions, device):
+        super().__init__(config, options, device)
+        o = options
+        self.teacher = load_teacher(o.teacher).to(device)
+        self.distill_teacher = load_teacher(o.distill_teacher).to(device) if o.distill_teacher else self.teacher
+        self.teacher_text = TeacherText(o.teacher_text_encoder, device)
+        layers = o.disc_layers if o.disc_layers is not None else default_layers(self.teacher.num_layers)
+        try:
+            channels = {i: self.teacher.layer_channels(i) for i in layers}
+        except ValueError as e:
+            raise ConfigError(f"stage_options.disc_layers: {e}") from None
+        self.discriminator = LADDDiscriminator(channels, o.disc_hidden).to(device)
+        self.schedules = {n: flow_timesteps(n, o.sample_shift)[:-1].float().to(device) for n in o.student_steps}
+        self._cache: dict | None = None
+
+    def build_network(self):
+        root = Path(self.options.init_from)
+        folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
+        check_model_dir(str(folder), "init_from")
+        return SnapGenUNet.from_pretrained(folder, use_safetensors=True)
+
+    # -- the stage ------------------------------------------------------------------------------
+    def trainable_modules(self):
+        return {"generator": self.model, "discriminator": self.discriminator}
+
+    def optimizer_options(self, name: str):
+        return {"lr": self.options.disc_lr} if name == "discriminator" and self.options.disc_lr else {}
+
+    def check_compatible(self) -> None:
+        super().check_compatible()
+        token_dim, pooled_dim = self.teacher_text.dims(self.inputs)
+        teachers = [self.teacher] if self.distill_teacher is self.teacher else [self.teacher, self.distill_teacher]
+        try:
+            for teacher in teachers:
+                check_teacher(teacher, self, token_dim, pooled_dim)
+        except ValueError as e:
+            raise ConfigError(f"stage ladd: {e}") from None
+
+    def sampler_config(self) -> SamplerConfig:
+        o = self.options
+        times = {str(n): [round(float(t), 6) for t in self.schedules[n]] for n in o.student_steps}
+        return SamplerConfig(
+            default_steps=o.default_steps,
+            guidance_scale=o.guidance_scale,
+            shift=o.sample_shift,
+            distilled_timesteps=times,
+        )
+
+    def _discriminate(self, z: torch.Tensor, t: torch.Tensor, text) -> list[torch.Tensor]:
+        layers = self.teacher(z, t, text, return_layers=self.discriminator.layers).layers
+        return self.discriminator(layers, t)
+
+    def _generate(self, batch: Batch) -> dict:
+        """One student step from a point of an N-step schedule, and the re-noising draws."""
+        o = self.options
+        x0 = self.inputs.latents(batch)
+        n = x0.shape[0]
+        # torch's RNG (not Python's): checkpoints restore it, so a resumed run draws the same N.
+        schedule = self.schedules[o.student_steps[int(torch.randint(len(o.student_steps), ()))]]
+        t = schedule[torch.randint(len(schedule), (n,), device=schedule.device)]
+        noise = torch.randn_like(x0)
+        x_t = interpolate(x0, noise, t)
+        batch = drop_captions(batch, self.inputs, o.cfg_dropout)
+        text = self.inputs.text(batch, 0.0)
+        v = self.model["net"](x_t, t, text.tokens, text.mask, text.pooled).sample
+        return {
+            "x0": x0,
+            "x_t": x_t,
+            "t": t,
+            "v": v,
+            "x0_hat": predict_x0(x_t, v, t),
+            "text": self.teacher_text(batch, text),
+            "t_renoise": sample_logit_normal(n, o.renoise_mean, o.renoise_std, device=x0.device),
+            "eps_renoise": torch.randn_like(x0),
+        }
+
+    def loss(self, name: str, batch: Batch, step: int):
+        if name == "generator":
+            return self._generator_loss(batch)
+        if name == "discriminator":
+            return self._discriminator_loss(batch)
+        raise KeyError(f"stage ladd has no optimizer {name!r}")
+
+    def _generator_loss(self, batch: Batch):
+        o, g = self.options, self._generate(batch)
+        fake = interpolate(g["x0_hat"], g["eps_renoise"], g["t_renoise"])
+        # Gradients reach the generator through the frozen teacher and the heads (which the
+        # loop keeps from accumulating gradients here).
+        adv = torch.stack([hinge_g_loss(head) for head in self._discriminate(fake, g["t_renoise"], g["text"])])
+        adv = adv.mean()
+        with torch.no_grad():
+            v_teacher = self.distill_teacher(g["x_t"], g["t"], g["text"]).velocity
+        distill = output_kd_loss(g["v"], v_teacher).mean()
+        loss = o.adv_weight * adv + o.distill_weight * distill
+        # The discriminator's call of this step reuses this output, without its graph.
+        self._cache = {k: v.detach() if torch.is_tensor(v) else v for k, v in g.items()}
+        return loss, {"loss_g": loss.item(), "adv_g": adv.item(), "distill": distill.item()}
+
+    def _discriminator_loss(self, batch: Batch):
+        g = self._cache
+        if g is None:  # called without a generator call this step: make the fakes without grad
+            with torch.no_grad():
+                g = self._generate(batch)
+        t_r, eps_r = g["t_renoise"], g["eps_renoise"]
+        real = interpolate(g["x0"], eps_r, t_r)
+        fake = interpolate(g["x0_hat"], eps_r, t_r)
+        with torch.no_grad():  # the teacher is frozen and neither input needs a gradient
+            layers = self.teacher(
+                torch.cat([real, fake]),
+                torch.cat([t_r, t_r]),
+                concat_text(g["text"], g["text"]),
+                return_layers=self.discriminator.layers,
+            ).layers
+        # Per head, the logits of [real; fake].
+        heads = [head.chunk(2) for head in self.discriminator(layers, torch.cat([t_r, t_r]))]
+        loss = torch.stack([hinge_d_loss(real, fake) for real, fake in heads]).mean()
+        metrics = {
+            "loss_d": loss.item(),
+            "d_real": sum(r.mean().item() for r, _ in heads) / len(heads),
+            "d_fake": sum(f.mean().item() for _, f in heads) / len(heads),
+        }
+        return loss, metrics
+
+    def on_step_end(self, step: int) -> None:
+        super().on_step_end(step)
+        self._cache = None
+
