@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Stage, StageOptions
+if TYPE_CHECKING:  # base imports torch; `snapgen --help` should not pay for that
+    from .base import Stage
 
 STAGES: dict[str, str] = {
     "autoencoder": "training.stages.autoencoder:AutoencoderStage",
@@ -23,4 +25,4 @@ def stage_class(name: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["STAGES", "Stage", "StageOptions", "stage_class"]
+__all__ = ["STAGES", "stage_class"]
