@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: Debian's redis-server (the server tests
-# start their own instances on free ports). Idempotent: does nothing when it is already there.
+# start their own instances on free ports) and Debian's prometheus, for `promtool check config`
+# in tests/test_deploy.py (scripts/validate-deploy.sh). Idempotent: does nothing when they are there.
 set -euo pipefail
-if command -v redis-server >/dev/null 2>&1; then
+packages=()
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+if [ ${#packages[@]} -eq 0 ]; then
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "system-deps: redis-server is missing and there is no apt-get; install Redis >= 6.2 yourself" >&2
+    echo "system-deps: ${packages[*]} missing and there is no apt-get; install Redis >= 6.2 and promtool (Prometheus) yourself" >&2
     exit 1
 fi
 SUDO=""
@@ -14,14 +18,15 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
         SUDO="sudo"
     else
-        echo "system-deps: redis-server is missing; run as root (or with sudo): apt-get install -y redis-server" >&2
+        echo "system-deps: ${packages[*]} missing; run as root (or with sudo): apt-get install -y --no-install-recommends ${packages[*]}" >&2
         exit 1
     fi
 fi
 export DEBIAN_FRONTEND=noninteractive
-if ! $SUDO apt-get install -y --no-install-recommends redis-server >/dev/null 2>&1; then
+if ! $SUDO apt-get install -y --no-install-recommends "${packages[@]}" >/dev/null 2>&1; then
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y --no-install-recommends redis-server >/dev/null
+    $SUDO apt-get install -y --no-install-recommends "${packages[@]}" >/dev/null
 fi
-# Tests start their own servers; a service the package may have started is not needed.
+# Tests start their own servers; services the packages may have started are not needed.
 redis-server --version
+promtool --version 2>&1 | head -n1
