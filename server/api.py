@@ -322,20 +322,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     async def lifespan(app: FastAPI):
         worker = None
         if isinstance(queue, MemoryJobQueue) and start_worker:
-            from .worker import Worker, load_backend
+            from .worker import build_worker
 
-            worker = Worker(
-                queue,
-                lambda: load_backend(settings),
-                name="embedded",
-                max_batch_images=settings.max_batch_images,
-                batch_wait_ms=settings.batch_wait_ms,
-                heartbeat_s=settings.heartbeat_s,
-                drain_timeout_s=settings.drain_timeout_s,
-                warmup=settings.warmup,
-                model_name=settings.model_name,
-                metrics=metrics.worker_metrics(),
-            )
+            worker = build_worker(queue, settings, "embedded")
             worker.start_thread()
         app.state.worker = worker
         try:

@@ -441,6 +441,24 @@ def with_timeout(fn: Callable[[], Any], attempts: int = 5) -> Any:
     return None
 
 
+def build_worker(queue, settings, name: str) -> Worker:
+    """A worker configured from the settings; the embedded server and `snapgen worker` share it."""
+    from . import metrics
+
+    return Worker(
+        queue,
+        lambda: load_backend(settings),
+        name=name,
+        max_batch_images=settings.max_batch_images,
+        batch_wait_ms=settings.batch_wait_ms,
+        heartbeat_s=settings.heartbeat_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        warmup=settings.warmup,
+        model_name=settings.model_name,
+        metrics=metrics.worker_metrics(),
+    )
+
+
 def run_worker_process(settings) -> int:
     """``snapgen worker``: one worker process on a Redis queue, until SIGTERM."""
     from . import metrics
@@ -457,18 +475,7 @@ def run_worker_process(settings) -> int:
         claim_idle_s=settings.claim_idle_s,
         max_deliveries=settings.max_deliveries,
     )
-    worker = Worker(
-        queue,
-        lambda: load_backend(settings),
-        name=settings.worker_name,
-        max_batch_images=settings.max_batch_images,
-        batch_wait_ms=settings.batch_wait_ms,
-        heartbeat_s=settings.heartbeat_s,
-        drain_timeout_s=settings.drain_timeout_s,
-        warmup=settings.warmup,
-        model_name=settings.model_name,
-        metrics=metrics.worker_metrics(),
-    )
+    worker = build_worker(queue, settings, settings.worker_name)
     worker.install_signal_handlers()
     if settings.worker_metrics_port is not None:
         metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)

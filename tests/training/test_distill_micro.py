@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import fixed_loss, micro_config, micro_dict
 from safetensors.torch import load_file
+from training_harness import fixed_loss, micro_config, micro_dict
 
 from snapgen.cli import main
 from snapgen.model_dir import load_pipeline

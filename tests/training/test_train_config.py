@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MICRO, REPO, micro_dict
+from training_harness import MICRO, REPO, micro_dict
 
 from snapgen.cli import main
 from training.config import ConfigError, load_config, parse_config, parse_stage_options

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import REPO, micro_dict
+from training_harness import REPO, micro_dict
 
 from training import checkpoint
 from training.logger import read_metrics

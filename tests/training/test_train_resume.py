@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, micro_config, micro_dict
 from safetensors.torch import load_file
+from training_harness import REPO, micro_config, micro_dict
 
 from training import checkpoint
 from training.config import ConfigError

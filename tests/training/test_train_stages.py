@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import micro_config, micro_dict
+from training_harness import micro_config, micro_dict
 
 from snapgen.model_dir import load_pipeline
 from snapgen.models.autoencoder import load_decoder, load_encoder

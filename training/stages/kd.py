@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from snapgen.flow import interpolate, sample_logit_normal, shift_time
 from snapgen.text import TextEmbeddings
 
 from ..config import ConfigError
@@ -126,12 +125,7 @@ class KDStage(PretrainStage):
 
     def loss(self, name: str, batch: Batch, step: int):
         o = self.options
-        x0 = self.inputs.latents(batch)
-        t = sample_logit_normal(x0.shape[0], o.logit_mean, o.logit_std, device=x0.device)
-        if o.train_shift != 1.0:
-            t = shift_time(t, o.train_shift)
-        noise = torch.randn_like(x0)
-        x_t = interpolate(x0, noise, t)
+        x0, noise, t, x_t = self.noised_latents(batch)
         if "classes" in self.model:
             text = self.condition(self.model, batch, o.cfg_dropout)
         else:

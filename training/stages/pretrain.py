@@ -175,14 +175,19 @@ class FlowStage(Stage):
             return model["classes"](self.inputs.labels(batch, model["classes"].num_classes, drop))
         return self.inputs.text(batch, drop)
 
-    def loss(self, name: str, batch: Batch, step: int):
+    def noised_latents(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, noise, t, x_t) for a batch: logit-normal t, optionally shifted, on the straight path."""
         o = self.options
         x0 = self.inputs.latents(batch)
         t = sample_logit_normal(x0.shape[0], o.logit_mean, o.logit_std, device=x0.device)
         if o.train_shift != 1.0:
             t = shift_time(t, o.train_shift)
         noise = torch.randn_like(x0)
-        x_t = interpolate(x0, noise, t)
+        return x0, noise, t, interpolate(x0, noise, t)
+
+    def loss(self, name: str, batch: Batch, step: int):
+        o = self.options
+        x0, noise, t, x_t = self.noised_latents(batch)
         text = self.condition(self.model, batch, o.cfg_dropout)
         v = self.velocity(self.model["net"], x_t, t, text)
         loss = flow_matching_loss(v, x0, noise).mean()
