@@ -690,7 +690,13 @@ class RedisJobQueue(JobQueue):
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            self._aio = aioredis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 1), **self._client_kwargs())
+            # A bounded pool: a burst of hundreds of requests waits for one of 64 connections
+            # instead of opening hundreds at once, whose connects then time out (seen: 503s at
+            # 200 concurrent clients on 2 cores).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=64, timeout=30.0, **self._client_kwargs()
+            )
+            self._aio = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
             self._aio_scripts = {name: self._aio.register_script(src) for name, src in _SCRIPTS.items()}
         return self._aio
 
