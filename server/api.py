@@ -304,13 +304,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     settings = settings or Settings()
     if queue is None:
         if settings.redis_url:
-            queue = RedisJobQueue(
-                settings.redis_url,
-                prefix=settings.redis_prefix,
-                result_ttl_s=settings.result_ttl_s,
-                claim_idle_s=settings.claim_idle_s,
-                max_deliveries=settings.max_deliveries,
-            )
+            queue = RedisJobQueue.from_settings(settings)
         else:
             queue = MemoryJobQueue(result_ttl_s=settings.result_ttl_s)
     keys = ApiKeys(settings.all_api_keys())

@@ -661,6 +661,17 @@ class RedisJobQueue(JobQueue):
         self._group_ready = False
         self._dead_lettered = 0
 
+    @classmethod
+    def from_settings(cls, settings) -> RedisJobQueue:
+        """The queue that `snapgen serve --redis` and `snapgen worker` share."""
+        return cls(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            result_ttl_s=settings.result_ttl_s,
+            claim_idle_s=settings.claim_idle_s,
+            max_deliveries=settings.max_deliveries,
+        )
+
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
@@ -694,9 +705,9 @@ class RedisJobQueue(JobQueue):
             # instead of opening hundreds at once, whose connects then time out (seen: 503s at
             # 200 concurrent clients on 2 cores).
             pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=64, timeout=30.0, **self._client_kwargs()
+                self.url, max_connections=64, timeout=30.0, retry=Retry(NoBackoff(), 1), **self._client_kwargs()
             )
-            self._aio = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
+            self._aio = aioredis.Redis(connection_pool=pool)
             self._aio_scripts = {name: self._aio.register_script(src) for name, src in _SCRIPTS.items()}
         return self._aio
 

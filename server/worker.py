@@ -468,13 +468,7 @@ def run_worker_process(settings) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    queue = RedisJobQueue(
-        settings.redis_url,
-        prefix=settings.redis_prefix,
-        result_ttl_s=settings.result_ttl_s,
-        claim_idle_s=settings.claim_idle_s,
-        max_deliveries=settings.max_deliveries,
-    )
+    queue = RedisJobQueue.from_settings(settings)
     worker = build_worker(queue, settings, settings.worker_name)
     worker.install_signal_handlers()
     if settings.worker_metrics_port is not None:
