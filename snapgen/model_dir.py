@@ -77,6 +77,22 @@ def read_model_index(directory: str | Path) -> dict:
     return json.loads((check_model_dir(directory) / MODEL_INDEX).read_text())
 
 
+def write_atomically(path: Path, fill) -> Path:
+    """Build a directory with ``fill(tmp)`` in a temporary sibling, then rename it into place
+    (replacing an old one), so a crash never leaves a half-written directory behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def save_model(
     directory: str | Path,
     unet: SnapGenUNet,
@@ -90,13 +106,12 @@ def save_model(
     directory = Path(directory).resolve()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --force) to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-        decoder_model.save_pretrained(staging / "decoder", safe_serialization=True)
-        save_text_encoder(text_encoder, staging / "text_encoder")
-        sampler.save(staging / "scheduler")
+
+    def fill(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        decoder_model.save_pretrained(tmp / "decoder", safe_serialization=True)
+        save_text_encoder(text_encoder, tmp / "text_encoder")
+        sampler.save(tmp / "scheduler")
         factor = latent_factor(decoder_model)
         native = unet.config.sample_size * factor
         index = {
@@ -109,14 +124,9 @@ def save_model(
             "latent_factor": factor,
             "resolutions": [list(r) for r in (resolutions or [(native, native)])],
         }
-        (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    return write_atomically(directory, fill)
 
 
 def load_pipeline(

@@ -20,9 +20,6 @@ its class embedding instead (the start of a text-conditional run's ``init_from``
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snapgen.flow import interpolate, sample_logit_normal, shift_time
-from snapgen.model_dir import save_model
+from snapgen.model_dir import save_model, write_atomically
 from snapgen.models.autoencoder import load_decoder
 from snapgen.models.configs import build_unet, unet_config
 from snapgen.models.unet import SnapGenUNet
@@ -253,21 +250,6 @@ def load_raw_decoder(path: Path) -> nn.Module:
     if name not in classes:
         raise ValueError(f"{path}: cannot use a {name} as the model's decoder")
     return classes[name].from_pretrained(path, use_safetensors=True)
-
-
-def write_atomically(path: Path, fill) -> Path:
-    """Build a directory with ``fill(tmp)`` and rename it into place (replacing an old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        fill(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 class PretrainOptions(FlowOptions):

@@ -23,11 +23,12 @@ from typing import Any
 
 from pydantic import Field
 
+from snapgen.model_dir import write_atomically
 from snapgen.text import save_text_encoder
 
 from ..config import ConfigError
 from ..inputs import check_model_dir
-from .pretrain import FlowOptions, FlowStage, write_atomically
+from .pretrain import FlowOptions, FlowStage
 
 # A ~4 M-parameter MMDiT for 16x16x4 latents; the text widths are filled in from the encoder.
 SMALL_SD3 = dict(patch_size=2, num_layers=6, attention_head_dim=32, num_attention_heads=6, pos_embed_max_size=32,
