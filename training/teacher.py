@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -272,3 +273,44 @@ def check_teacher_compatible(
         problems.append(f"pooled text width: teacher expects {teacher.pooled_dim}, text encoder gives {pooled_dim}")
     if problems:
         raise ValueError(f"the {name} teacher does not match the student: " + "; ".join(problems))
+
+
+class TeacherAsUNet(nn.Module):
+    """A teacher behind the U-Net call signature, so ``SnapGenPipeline`` can sample from it.
+
+    Evaluation is the one place a teacher is sampled like a product model (ShapesBench compares
+    the teacher at 28 steps with the students); the pipeline reads ``config.sample_size`` and
+    ``config.in_channels`` and calls ``unet(x, t, tokens, mask, pooled).sample``.
+    """
+
+    def __init__(self, teacher: TeacherAdapter):
+        super().__init__()
+        self.teacher = teacher
+        self.config = SimpleNamespace(sample_size=teacher.sample_size, in_channels=teacher.latent_channels)
+
+    def forward(self, x_t, t, tokens, mask, pooled):
+        text = TextEmbeddings(tokens=tokens, mask=mask, pooled=pooled)
+        return SimpleNamespace(sample=self.teacher(x_t, t, text).velocity)
+
+
+def load_teacher_pipeline(directory: str | Path, device: str | torch.device = "cpu"):
+    """A teacher stage's product (``transformer/``, ``text_encoder/``, ``scheduler/``, ``teacher.json``)
+    as a ``SnapGenPipeline`` over the decoder it was trained with."""
+    from snapgen.models.autoencoder import load_decoder
+    from snapgen.pipeline import SnapGenPipeline
+    from snapgen.sampling import SamplerConfig
+    from snapgen.text import load_text_encoder
+
+    directory = Path(directory)
+    info = json.loads((directory / "teacher.json").read_text())
+    resolution = int(info["resolution"])
+    pipeline = SnapGenPipeline(
+        TeacherAsUNet(load_teacher(directory)),
+        load_decoder(info["decoder"]),
+        load_text_encoder(directory / "text_encoder"),
+        SamplerConfig.load(directory / "scheduler"),
+        latent_factor=resolution // int(info["latent_size"]),
+        resolutions=[(resolution, resolution)],
+    )
+    pipeline.model_dir = directory.resolve()
+    return pipeline.to(device=device)

@@ -103,6 +103,21 @@ def test_teacher_trains_an_sd3_mmdit_that_the_adapter_reads_alike(micro_teacher_
     assert info["latent_channels"] == 4 and info["latent_size"] == 8
 
 
+def test_teacher_product_samples_through_the_pipeline_as_the_stage_does(micro_teacher_run):
+    # ShapesBench evaluates the teacher through SnapGenPipeline; it must be the stage's own sampler.
+    from snapgen.pipeline import to_uint8
+    from training.teacher import load_teacher_pipeline
+
+    trainer, _, _, product = micro_teacher_run
+    pipeline = load_teacher_pipeline(product)
+    prompts = ["a red circle", "two blue squares"]
+    resolution = pipeline.default_size[0]
+    ours = pipeline(prompts, seeds=5, steps=3, guidance_scale=2.0, output_type="np").images
+    theirs = trainer.stage.sample(prompts, steps=3, guidance=2.0, resolution=resolution, seed=5)
+    for a, b in zip(ours, to_uint8(theirs)):
+        assert abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_teacher_that_does_not_fit_the_latents_fails_before_training(micro_root, micro_autoencoder):
     config = micro_config("teacher", micro_root, {"autoencoder": micro_autoencoder},
                           out_dir=str(micro_root / "bad_teacher"),

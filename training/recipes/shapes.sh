@@ -1,30 +1,53 @@
 #!/usr/bin/env bash
 # The embedded default model (snapgen-shapes) from scratch, every stage of the recipe in order
 # (issue 4). Each stage resumes from its last checkpoint when re-run, so this script can be
-# interrupted and started again; stages already finished are skipped.
-# Status: written in session 1, not yet run end to end (issue 4 runs it).
+# interrupted and started again; stages already finished (runs/shapes/STAGE/DONE) are skipped.
 #
-#   bash training/recipes/shapes.sh            # all stages
-#   STAGES="kd ladd" bash training/recipes/shapes.sh
+#   bash training/recipes/shapes.sh                  # all stages
+#   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
+#   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
+#
+# Dependencies: autoencoder -> decoder -> teacher -> kd -> ladd, and decoder -> pretrain (the
+# no-KD baseline, which nothing else reads). With PARALLEL=1 (the default) the baseline runs
+# beside the teacher -> kd -> ladd chain, one core each (the configs set cpu_threads: 1).
+# Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
 STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd}"
+PARALLEL="${PARALLEL:-1}"
 mkdir -p runs/shapes
 
-for stage in $STAGES; do
-    config="configs/shapes/${stage}.yaml"
-    out="runs/shapes/${stage}"
-    if [ -f "${out}/DONE" ]; then
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+
+run_stage() {
+    local stage=$1 config="configs/shapes/$1.yaml" out="runs/shapes/$1"
+    local extra=()
+    [ -n "${MAX_STEPS:-}" ] && extra=(--max-steps "$MAX_STEPS")
+    if [ -f "${out}/DONE" ] && [ -z "${MAX_STEPS:-}" ]; then
         echo "== ${stage}: done already (${out}/DONE)"
-        continue
+        return
     fi
-    echo "== ${stage}: $(date -u +%FT%TZ)"
+    echo "== ${stage}: start $(date -u +%FT%TZ)"
+    local start resume=()
     start=$(date +%s)
-    if [ -d "${out}" ]; then
-        "$SNAPGEN" train "$stage" --config "$config" --resume 2>&1 | tee -a "runs/shapes/${stage}.log"
-    else
-        "$SNAPGEN" train "$stage" --config "$config" 2>&1 | tee -a "runs/shapes/${stage}.log"
-    fi
-    echo "$(( $(date +%s) - start )) s" > "${out}/DONE"
-done
+    [ -d "${out}/checkpoints" ] && resume=(--resume)
+    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" "${extra[@]}" >> "runs/shapes/${stage}.log" 2>&1
+    local took=$(( $(date +%s) - start ))
+    local before=0
+    [ -f "${out}/DONE" ] && before=$(cut -d' ' -f1 "${out}/DONE")
+    echo "$(( before + took )) s" > "${out}/DONE"
+    echo "== ${stage}: done $(date -u +%FT%TZ) (${took} s this run)"
+}
+
+run_chain() { for stage in "$@"; do wanted "$stage" && run_stage "$stage"; done; return 0; }
+
+run_chain autoencoder decoder
+if [ "$PARALLEL" = 1 ] && wanted pretrain; then
+    run_chain pretrain &
+    baseline=$!
+    run_chain teacher kd ladd
+    wait "$baseline"
+else
+    run_chain teacher pretrain kd ladd
+fi

@@ -207,7 +207,12 @@ def cmd_eval_shapes(args) -> None:
     from .evaluation import evaluate, sample_grid
 
     try:
-        pipeline = load_pipeline(args.model, device=args.device)
+        if (args.model / "teacher.json").is_file():  # a teacher stage's product
+            from ..teacher import load_teacher_pipeline
+
+            pipeline = load_teacher_pipeline(args.model, device=args.device)
+        else:
+            pipeline = load_pipeline(args.model, device=args.device)
     except (ModelDirectoryError, FileNotFoundError, ValueError) as e:
         raise CLIError(f"--model {args.model}: {e}") from None
 
