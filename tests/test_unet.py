@@ -173,6 +173,24 @@ def test_every_ladder_step_runs(name, config):
     assert torch.isfinite(out.sample).all()
 
 
+def test_layers_per_block_per_stage():
+    """A tuple gives each stage its own ResBlock count: down ``n``, up ``n + 1``, skips matched."""
+    torch.manual_seed(0)
+    config = dict(_shrink(SNAPGEN_TINY), layers_per_block=(1, 3))
+    unet = SnapGenUNet(**config).eval()
+    assert [len(s.resnets) for s in unet.down_stages] == [1, 3]
+    assert [len(s.transformers) for s in unet.down_stages] == [1, 3]
+    assert [len(s.resnets) for s in unet.up_stages] == [4, 2]  # lowest resolution first
+    assert [len(s.transformers) for s in unet.up_stages] == [4, 2]
+    uniform = SnapGenUNet(**dict(config, layers_per_block=1))
+    assert count_parameters(unet) > count_parameters(uniform)
+    x, t, ctx, mask, pooled = _tiny_inputs(config)
+    out = unet(x, t, ctx, mask, pooled)
+    assert out.sample.shape == x.shape and torch.isfinite(out.sample).all()
+    with pytest.raises(ValueError, match="layers_per_block"):
+        SnapGenUNet(**dict(config, layers_per_block=(1, 2, 3)))
+
+
 def test_unet_shapes_features_and_timestep_forms():
     torch.manual_seed(0)
     unet = build_unet("snapgen-tiny").eval()
@@ -207,6 +225,30 @@ def test_snapgen_379m_parameter_count_on_meta_device():
     assert all(p.device.type == "meta" for p in unet.parameters())
     n = count_parameters(unet)
     assert abs(n - 379e6) / 379e6 < 0.03, n
+
+
+def test_snapgen_379m_flops_at_1024px_are_a_fifth_of_sdxl():
+    """One 1024-px step (128x128x16 latent, 282 text tokens) counted on the meta device.
+
+    diffusers' SDXL UNet2DConditionModel costs 6.761 TFLOPs per step at 128x128x4 with 77 tokens
+    (bench/bench_efficiency.py, same counter); the issue asks for >= 5x, the config keeps a margin.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = UNET_CONFIGS["snapgen-379m"]
+    unet = build_unet("snapgen-379m", device="meta")
+    tokens = 77 + 77 + 128
+    with torch.device("meta"):
+        args = (
+            torch.randn(1, 16, 128, 128),
+            torch.full((1,), 0.5),
+            torch.randn(1, tokens, config["cross_attention_dim"]),
+            torch.ones(1, tokens, dtype=torch.bool),
+            torch.randn(1, config["pooled_projection_dim"]),
+        )
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(*args)
+    assert 6.761e12 / counter.get_total_flops() >= 5.3, counter.get_total_flops()
 
 
 def test_ladder_moves_from_sdxl_size_to_snapgen():
