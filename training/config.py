@@ -117,6 +117,9 @@ class TrainConfig(_Strict):
     # CPU threads for this process (torch.set_num_threads); null: torch's default. On a shared
     # or oversubscribed CPU, 1 avoids OpenMP's spin-waiting (measured up to 30x cheaper here).
     cpu_threads: int | None = Field(None, gt=0)
+    # Latent caches of flow stages saved here, keyed by the autoencoder's weights and the data config:
+    # stages that read the same data share one, and a resumed run doesn't encode its dataset again.
+    latent_cache_dir: str | None = None
     tensorboard: bool = True
     stage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -133,7 +136,7 @@ class TrainConfig(_Strict):
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = frozenset(
     {"out_dir", "max_steps", "log_every", "ckpt_every", "sample_every", "keep_checkpoints", "num_workers", "device",
-     "tensorboard", "cpu_threads"}
+     "tensorboard", "cpu_threads", "latent_cache_dir"}
 )
 
 

@@ -6,6 +6,9 @@ no random crop/flip, and the latents fit in ``cache_max_gb``) every image is enc
 training, and every distinct caption too, so a training step costs the denoiser alone and the
 data loader no longer decodes or renders images. The cache is computed in a fixed order and
 chunking, so it is bit-identical on every (re)start: resumed runs reproduce uninterrupted ones.
+With ``latent_cache_dir`` the latents are also saved (safetensors, written atomically) under a
+name hashed from the autoencoder's weights and the data config, so stages reading the same data
+(teacher, baseline, KD student) and resumed runs load them instead of encoding again.
 
 Shared by the ``pretrain`` (U-Net) and ``teacher`` (SD3 MMDiT) stages, and usable by any stage
 that trains on latents.
@@ -13,15 +16,21 @@ that trains on latents.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from snapgen.model_dir import latent_factor
+from snapgen.model_dir import latent_factor, weight_files
 from snapgen.models.autoencoder import load_encoder
 from snapgen.text import MiniLMTextEncoder, TextEmbeddings, TextEncoder, load_text_encoder
 
@@ -97,6 +106,25 @@ class CachedLatents(Dataset):
         return item
 
 
+def _save_latent_cache(path: Path, latents: torch.Tensor, captions: list[str], labels: list[int] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"captions": json.dumps(captions), "labels": json.dumps(labels)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"latents": latents.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)  # another stage reading the same data may be writing it too: last one wins
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_latent_cache(path: Path) -> tuple[torch.Tensor, list[str], list[int] | None]:
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    return load_file(path)["latents"], json.loads(metadata["captions"]), json.loads(metadata["labels"])
+
+
 class FlowInputs:
     def __init__(
         self,
@@ -107,7 +135,8 @@ class FlowInputs:
         cache_max_gb: float = 2.0,
     ):
         self.device = device
-        self.encoder = load_encoder(check_model_dir(autoencoder, "autoencoder")).to(device)
+        self.autoencoder_dir = check_model_dir(autoencoder, "autoencoder")
+        self.encoder = load_encoder(self.autoencoder_dir).to(device)
         self.latent_channels = int(self.encoder.model.config.latent_channels)
         self.factor = latent_factor(self.encoder.model)
         self.text_encoder = build_text_encoder(text_encoder).to(device) if text_encoder else None
@@ -116,8 +145,22 @@ class FlowInputs:
         self.empty_text_id: int | None = None
 
     # -- caching ------------------------------------------------------------------------------
-    def prepare(self, dataset: Dataset, resolution: int, num_workers: int = 0, progress: bool = True) -> Dataset:
-        """Return ``dataset``, or its precomputed latents when caching applies (see module doc)."""
+    def cache_path(self, folder: Path, data_identity: dict[str, Any]) -> Path:
+        """Where the latents of the data ``data_identity`` describes, encoded by this autoencoder, are saved."""
+        key = {"autoencoder": weight_files(self.autoencoder_dir), "data": data_identity}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return folder / f"latents-{digest}.safetensors"
+
+    def prepare(
+        self,
+        dataset: Dataset,
+        resolution: int,
+        num_workers: int = 0,
+        progress: bool = True,
+        cache_file: Path | None = None,
+    ) -> Dataset:
+        """Return ``dataset``, or its precomputed latents when caching applies (see module doc);
+        ``cache_file`` (see :meth:`cache_path`) is read if it exists and written otherwise."""
         if self.cache == "off":
             return dataset
         cacheable = isinstance(dataset, TrainingView) and dataset.deterministic
@@ -129,6 +172,11 @@ class FlowInputs:
         nbytes = len(dataset) * self.latent_channels * side * side * 4
         if self.cache == "auto" and nbytes > self.cache_max_bytes:
             return dataset
+        if cache_file is not None and cache_file.is_file():
+            latents, captions, labels = _load_latent_cache(cache_file)
+            if len(captions) == len(dataset):
+                text_ids = self._cache_text(captions) if self.text_encoder is not None else None
+                return CachedLatents(latents, captions, labels, text_ids)
         latents, captions, labels = [], [], []
         # Its own generator: a loader otherwise draws its base seed from torch's global RNG, and a
         # cache built after a resume would then shift every later random draw.
@@ -140,8 +188,11 @@ class FlowInputs:
                 captions += batch["captions"]
                 if "labels" in batch:
                     labels += batch["labels"].tolist()
+        latents = torch.cat(latents)
+        if cache_file is not None:
+            _save_latent_cache(cache_file, latents, captions, labels or None)
         text_ids = self._cache_text(captions) if self.text_encoder is not None else None
-        return CachedLatents(torch.cat(latents), captions, labels or None, text_ids)
+        return CachedLatents(latents, captions, labels or None, text_ids)
 
     def _cache_text(self, captions: list[str]) -> list[int] | None:
         """Encode each distinct caption (and "" for dropout) once; None if they don't fit."""

@@ -140,3 +140,32 @@ def test_mixed_precision_and_gradient_checkpointing_paths(micro_root, micro_auto
         trainer.run()
         losses = read_metrics(micro_root / f"amp_{precision}" / "metrics.csv")["loss"]
         assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+
+
+def test_latent_cache_dir_is_shared_between_stages_and_matches_encoding_again(micro_root, micro_autoencoder):
+    from training.data import build_dataset
+    from training.loop import Trainer
+
+    cache_dir = micro_root / "latent_cache"
+    upstream = {"autoencoder": micro_autoencoder}
+    stages = {}
+    for name in ("pretrain", "teacher"):
+        config = micro_config(name, micro_root, upstream, out_dir=str(micro_root / f"cache_{name}"),
+                              latent_cache_dir=str(cache_dir), data={"resolution_schedule": None})
+        stages[name] = Trainer(config).stage
+    config = stages["pretrain"].config
+    resolution = config.data.resolutions()[-1]
+    first = stages["pretrain"].prepare_dataset(build_dataset(config.data, resolution), resolution)
+    (saved,) = cache_dir.iterdir()
+    written = saved.stat().st_mtime_ns
+    # The teacher reads the same data: it loads the file instead of encoding again...
+    second = stages["teacher"].prepare_dataset(build_dataset(config.data, resolution), resolution)
+    assert saved.stat().st_mtime_ns == written and list(cache_dir.iterdir()) == [saved]
+    # ...and gets what encoding gives.
+    assert torch.equal(first.latents, second.latents) and first.captions == second.captions
+    assert second.text_ids == first.text_ids
+    # Other data: another file.
+    other = config.data.model_copy(update={"seed": config.data.seed + 1})
+    stages["pretrain"].config = config.model_copy(update={"data": other})
+    stages["pretrain"].prepare_dataset(build_dataset(other, resolution), resolution)
+    assert len(list(cache_dir.iterdir())) == 2

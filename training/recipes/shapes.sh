@@ -7,9 +7,10 @@
 #   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
 #   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
 #
-# Dependencies: autoencoder -> decoder -> teacher -> kd -> ladd, and decoder -> pretrain (the
-# no-KD baseline, which nothing else reads). With PARALLEL=1 (the default) the baseline runs
-# beside the teacher -> kd -> ladd chain, one core each (the configs set cpu_threads: 1).
+# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the no-KD baseline,
+# which nothing else reads); teacher + decoder -> kd -> ladd. With PARALLEL=1 (the default) two
+# lanes run side by side, one core each (the configs set cpu_threads: 1):
+#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> ladd
 # Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,12 +43,23 @@ run_stage() {
 
 run_chain() { for stage in "$@"; do wanted "$stage" && run_stage "$stage"; done; return 0; }
 
-run_chain autoencoder decoder
-if [ "$PARALLEL" = 1 ] && wanted pretrain; then
-    run_chain pretrain &
-    baseline=$!
-    run_chain teacher kd ladd
-    wait "$baseline"
+wait_for() {  # a stage of the other lane
+    while [ ! -f "runs/shapes/$1/DONE" ]; do
+        kill -0 "$2" 2>/dev/null || { echo "== $1 failed in the other lane; see runs/shapes/$1.log" >&2; exit 1; }
+        sleep 10
+    done
+}
+
+run_chain autoencoder
+if [ "$PARALLEL" = 1 ]; then
+    run_chain decoder pretrain &
+    lane=$!
+    run_chain teacher
+    if wanted kd || wanted ladd; then
+        { wanted decoder || [ -f runs/shapes/decoder/DONE ]; } && wait_for decoder "$lane"
+        run_chain kd ladd
+    fi
+    wait "$lane"
 else
-    run_chain teacher pretrain kd ladd
+    run_chain decoder teacher pretrain kd ladd
 fi

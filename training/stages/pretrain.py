@@ -165,7 +165,13 @@ class FlowStage(Stage):
 
     def prepare_dataset(self, dataset, resolution: int):
         self.resolution = resolution
-        return self.inputs.prepare(dataset, resolution, self.config.num_workers, progress=distributed.is_main())
+        cache_file = None
+        if self.config.latent_cache_dir:
+            identity = {"data": self.config.data.model_dump(mode="json", exclude={"resolution_schedule"}),
+                        "resolution": resolution}
+            cache_file = self.inputs.cache_path(Path(self.config.latent_cache_dir), identity)
+        return self.inputs.prepare(dataset, resolution, self.config.num_workers, progress=distributed.is_main(),
+                                   cache_file=cache_file)
 
     def condition(self, model: nn.ModuleDict, batch: Batch, drop: float) -> TextEmbeddings:
         if "classes" in model:
