@@ -47,7 +47,7 @@ def ladd_parts(tmp_path_factory):
     return root
 
 
-def ladd_stage(root):
+def ladd_stage(root, **options):
     from training.config import parse_config, parse_stage_options
     from training.stages import stage_class
 
@@ -56,7 +56,7 @@ def ladd_stage(root):
         "data": {"kind": "shapes", "length": 4, "resolution": 32},
         "stage_options": {"autoencoder": str(root / "ae"), "init_from": str(root / "student"),
                           "teacher": str(root / "teacher"), "cache": "off", "sample_shift": 3.0,
-                          "disc_hidden": 16},
+                          "disc_hidden": 16, **options},
     })
     cls = stage_class("ladd")
     torch.manual_seed(0)
@@ -116,3 +116,22 @@ def test_ladd_steps_train_the_heads_keep_the_teacher_frozen_and_export_distilled
     out = pipe(["a red circle"], seeds=0, height=32, width=32)  # steps: the default, 4
     assert seen == pytest.approx(sampler["distilled_timesteps"]["4"], abs=1e-6)
     assert out.images[0].size == (32, 32)
+
+
+def test_guided_distillation_target_is_the_teachers_cfg_combination(ladd_parts):
+    from training.data import build_dataset, collate
+
+    stage, config = ladd_stage(ladd_parts, distill_guidance=3.0)
+    batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
+    torch.manual_seed(2)
+    g = stage._generate(batch)
+    target = stage._distill_target(batch, g)
+    with torch.no_grad():
+        cond = stage.teacher(g["x_t"], g["t"], g["text"]).velocity
+        empty = stage.inputs.encode_prompts(["", ""])
+        uncond = stage.teacher(g["x_t"], g["t"], empty).velocity
+    torch.testing.assert_close(target, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(target, cond, atol=1e-3)  # the guidance changes the target
+    # g = 1 is the plain conditional velocity (and costs one teacher call).
+    plain, _ = ladd_stage(ladd_parts)
+    torch.testing.assert_close(plain._distill_target(batch, g), cond)

@@ -12,7 +12,8 @@ Per step, for real latents ``x0`` and captions ``c``:
     real = (1 - t') x0 + t' eps',   fake = (1 - t') x0_hat + t' eps'     same t' and eps'
     D(z) = heads(teacher blocks at (z, t', c), t')
 
-    generator:      L_G = adv_weight * hinge_G(D(fake)) + distill_weight * |v_S - v_T(x_t, t, c)|^2
+    generator:      L_G = adv_weight * hinge_G(D(fake)) + distill_weight * |v_S - v_T^g(x_t, t, c)|^2
+    v_T^g = v_T(x_t, t, '') + g (v_T(x_t, t, c) - v_T(x_t, t, ''))      g = distill_guidance (1: v_T)
     discriminator:  L_D = hinge_D(D(real), D(fake.detach()))
 
 Re-noising both to the same high ``t'`` makes the discriminator judge the global layout (what a
@@ -59,6 +60,9 @@ class LADDOptions(FlowOptions):
     disc_lr: float | None = Field(None, gt=0)  # default: optim.lr
     adv_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(1.0, ge=0)
+    # The distillation target is the teacher's guided velocity v_u + g (v_c - v_u): the student
+    # samples without guidance, so it must learn the guided flow the teacher is evaluated with.
+    distill_guidance: float = Field(1.0, ge=0)
     renoise_mean: float = 1.0  # t' = sigmoid(renoise_mean + renoise_std * n): mostly high noise
     renoise_std: float = Field(1.0, gt=0)
     # Few-step samplers are used without guidance; the export's defaults.
@@ -178,13 +182,26 @@ class LADDStage(PretrainStage):
         # loop keeps from accumulating gradients here).
         adv = torch.stack([hinge_g_loss(head) for head in self._discriminate(fake, g["t_renoise"], g["text"])])
         adv = adv.mean()
-        with torch.no_grad():
-            v_teacher = self.distill_teacher(g["x_t"], g["t"], g["text"]).velocity
+        v_teacher = self._distill_target(batch, g)
         distill = output_kd_loss(g["v"], v_teacher).mean()
         loss = o.adv_weight * adv + o.distill_weight * distill
         # The discriminator's call of this step reuses this output, without its graph.
         self._cache = {k: v.detach() if torch.is_tensor(v) else v for k, v in g.items()}
         return loss, {"loss_g": loss.item(), "adv_g": adv.item(), "distill": distill.item()}
+
+    @torch.no_grad()
+    def _distill_target(self, batch: Batch, g: dict) -> torch.Tensor:
+        guidance = self.options.distill_guidance
+        if guidance == 1.0:
+            return self.distill_teacher(g["x_t"], g["t"], g["text"]).velocity
+        n = g["x_t"].shape[0]
+        empty = dict(batch, captions=[""] * n)
+        uncond = self.teacher_text(empty, self.inputs.encode_prompts([""] * n))
+        both = self.distill_teacher(
+            torch.cat([g["x_t"], g["x_t"]]), torch.cat([g["t"], g["t"]]), concat_text(g["text"], uncond)
+        ).velocity
+        cond, uncond_v = both.chunk(2)
+        return uncond_v + guidance * (cond - uncond_v)
 
     def _discriminator_loss(self, batch: Batch):
         g = self._cache
