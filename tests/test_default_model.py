@@ -1,0 +1,55 @@
+"""The embedded default model (snapgen/assets/snapgen-shapes): the README's first command uses it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from snapgen.model_dir import DEFAULT_MODEL_DIR, describe_model, load_pipeline
+
+PROMPT = "a red circle to the left of a blue square"
+
+
+def test_default_model_is_shipped_small_and_safetensors_only():
+    assert (DEFAULT_MODEL_DIR / "model_index.json").is_file()
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    info = describe_model(DEFAULT_MODEL_DIR)
+    assert info["model_index"]["resolutions"] == [[128, 128]]
+    assert info["config"]["unet"]["sample_size"] == 16 and info["config"]["unet"]["in_channels"] == 4
+
+
+def test_generate_without_model_uses_the_default_and_is_reproducible(tmp_path):
+    outs = []
+    for name in ("a.png", "b.png"):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "snapgen.cli", "generate", PROMPT, "--seed", "3", "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    info = json.loads(subprocess.run([sys.executable, "-m", "snapgen.cli", "info", "--json"], check=True,
+                                     capture_output=True, text=True, timeout=300).stdout)
+    assert info["model_dir"] == str(DEFAULT_MODEL_DIR.resolve())
+
+
+def test_default_model_draws_shapes_not_noise():
+    # A trained model, whatever its ShapesBench score: the pictures are mostly black background
+    # with saturated palette-coloured objects, unlike a random-weight model's noise.
+    pipe = load_pipeline()
+    images = pipe([PROMPT, "three green triangles"], seeds=3, output_type="np").images
+    for image in images:
+        pixels = image.reshape(-1, 3).astype(int)
+        dark = (pixels.max(axis=1) < 40).mean()
+        assert 0.5 < dark < 0.99, dark
+        colourful = (pixels.max(axis=1) - pixels.min(axis=1) > 100).mean()
+        assert colourful > 0.01, colourful
+
+
+def test_default_model_rejects_bad_size_with_a_clear_message():
+    from snapgen.pipeline import InvalidRequestError
+
+    pipe = load_pipeline()
+    with pytest.raises(InvalidRequestError, match="128x128"):
+        pipe(PROMPT, seeds=0, steps=1, height=256, width=256)
