@@ -12,6 +12,7 @@ from pathlib import Path
 ROWS = [  # report name, what it is
     ("teacher", "teacher (SD3 MMDiT)"),
     ("pretrain", "student, no KD"),
+    ("pretrain4", "student, no KD (not step-distilled)"),
     ("kd", "student, multi-level KD"),
     ("ladd4", "LADD student (default)"),
     ("ladd8", "LADD student"),
@@ -21,7 +22,7 @@ CATEGORIES = ("single", "two", "count", "position")
 
 def table(folder: Path) -> str:
     lines = [
-        "| model | steps | guidance | " + " | ".join(CATEGORIES) + " | **overall** | held-out | s / image |",
+        "| model | steps | guidance | " + " | ".join(CATEGORIES) + " | **overall** | held-out | eval s/image (batch 50, 1 thread, shared CPU) |",
         "|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
     ]
     for name, label in ROWS:
