@@ -22,7 +22,8 @@ CATEGORIES = ("single", "two", "count", "position")
 
 def table(folder: Path) -> str:
     lines = [
-        "| model | steps | guidance | " + " | ".join(CATEGORIES) + " | **overall** | held-out | eval s/image (batch 50, 1 thread, shared CPU) |",
+        "| model | steps | guidance | " + " | ".join(CATEGORIES)
+        + " | **overall** | held-out | eval s/image (batch 50, 1 thread, shared CPU) |",
         "|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
     ]
     for name, label in ROWS:
