@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from benchlib import cpu_name, write_section
 
 from snapgen.model_dir import default_model_dir, load_pipeline
 from snapgen.models.autoencoder import load_decoder, load_encoder
@@ -42,16 +42,6 @@ PROMPTS = [
     "a yellow square above a purple circle",
     "a white triangle and a red square",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -161,19 +151,7 @@ def markdown(results: dict) -> str:
         f"{lat['full_batch1_per_image'] / lat['tiny_batch1_per_image']:.1f}x faster at batch 1.",
         END,
     ]
-    return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -207,7 +185,7 @@ def main() -> None:
     section = markdown(results)
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, section, START, END)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from benchlib import cpu_name
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -551,12 +552,7 @@ def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else platform.processor() or "unknown"
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_name()
     mem = None
     try:
         match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from benchlib import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "server.json"
@@ -285,17 +286,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        text = before + section + after
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + section
-    path.write_text(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="model directory (e.g. from `snapgen init-model`)")
@@ -372,7 +362,7 @@ def main() -> int:
     section = markdown(results)
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, section, START, END)
     failed = sum(r["failed"] for r in results["runs"])
     if failed:
         print(f"FAILED: {failed} request(s) got neither 200 nor 429", file=sys.stderr)
