@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -110,21 +109,10 @@ def _load(model: Path | None, device: str):
         raise CLIError(f"--model {directory}: {e}") from None
 
 
-def _write_png_atomically(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
+    from .model_dir import write_file_atomically
     from .pipeline import InvalidRequestError
 
     if (args.prompt is None) == (args.prompt_file is None):
@@ -177,7 +165,7 @@ def cmd_generate(args) -> None:
                 **settings,
             )
             for image, path in zip(result.images, outputs[start : start + len(batch)], strict=True):
-                _write_png_atomically(image, path)
+                write_file_atomically(path, lambda f, image=image: image.save(f, format="PNG"))
     where = outputs[0] if len(outputs) == 1 else args.out_dir
     print(f"wrote {len(outputs)} image(s) to {where}")
 

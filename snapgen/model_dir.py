@@ -77,6 +77,28 @@ def read_model_index(directory: str | Path) -> dict:
     return json.loads((check_model_dir(directory) / MODEL_INDEX).read_text())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomically(path: Path, write) -> Path:
+    """``write(binary_file)`` into a temporary sibling of ``path``, then rename it into place, so
+    readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_atomically(path: Path, fill) -> Path:
     """Build a directory with ``fill(tmp)`` in a temporary sibling, then rename it into place
     (replacing an old one), so a crash never leaves a half-written directory behind."""
@@ -84,6 +106,7 @@ def write_atomically(path: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a 0700 directory
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from snapgen.model_dir import latent_factor, weight_files
+from snapgen.model_dir import latent_factor, weight_files, write_file_atomically
 from snapgen.models.autoencoder import load_encoder
 from snapgen.text import MiniLMTextEncoder, TextEmbeddings, TextEncoder, load_text_encoder
 
@@ -107,16 +105,10 @@ class CachedLatents(Dataset):
 
 
 def _save_latent_cache(path: Path, latents: torch.Tensor, captions: list[str], labels: list[int] | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"captions": json.dumps(captions), "labels": json.dumps(labels)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"latents": latents.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)  # another stage reading the same data may be writing it too: last one wins
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    data = save({"latents": latents.contiguous()}, metadata=metadata)
+    # Another stage reading the same data may be writing it too: the last one wins, whole.
+    write_file_atomically(path, lambda f: f.write(data))
 
 
 def _load_latent_cache(path: Path) -> tuple[torch.Tensor, list[str], list[int] | None]:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 METADATA = "metadata.jsonl"
@@ -93,26 +90,6 @@ def _parse_categories(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(file_object)`` into a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_render(args) -> None:
     from tqdm import tqdm
 
@@ -133,10 +110,9 @@ def cmd_render(args) -> None:
                 f"--out {out}: not empty and not a ShapesBench render (no {METADATA}); refusing to delete it"
             )
 
-    # Everything goes into a temporary sibling directory that replaces --out only when complete.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    from snapgen.model_dir import write_atomically
+
+    def fill(tmp: Path) -> None:
         with open(tmp / METADATA, "w") as meta, tqdm(total=args.n, unit="img", desc="rendering", disable=None) as bar:
             for i in range(args.n):
                 scene = scene_at(args.seed, i, args.split, categories)
@@ -151,13 +127,9 @@ def cmd_render(args) -> None:
 
         info["spec_version"] = SPEC_VERSION
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a 0700 directory
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Everything goes into a temporary sibling directory that replaces --out only when complete.
+    write_atomically(out, fill)
     print(f"wrote {args.n} picture(s) with captions and {METADATA} to {out}")
 
 
@@ -201,7 +173,7 @@ def cmd_eval_shapes(args) -> None:
     if not args.model.is_dir():
         raise CLIError(f"--model {args.model}: no such directory")
 
-    from snapgen.model_dir import ModelDirectoryError, load_pipeline
+    from snapgen.model_dir import ModelDirectoryError, load_pipeline, write_file_atomically
     from snapgen.pipeline import InvalidRequestError
 
     from .evaluation import evaluate, sample_grid
@@ -250,8 +222,8 @@ def cmd_eval_shapes(args) -> None:
     text = json.dumps(report, indent=2) + "\n"
     if cells:
         grid = sample_grid(cells)
-        _write_atomically(grid_path, lambda f: grid.save(f, format="PNG"))
-    _write_atomically(out, lambda f: f.write(text.encode()))
+        write_file_atomically(grid_path, lambda f: grid.save(f, format="PNG"))
+    write_file_atomically(out, lambda f: f.write(text.encode()))
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
