@@ -796,12 +796,13 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
             checks["queue"] = f"unreachable: {e}"
         worker = request.app.state.worker
         if worker is not None:
+            detail = worker.error or worker.reason
             checks["model"] = "ok" if worker.ready.is_set() and worker.state == "ready" else (
-                f"{worker.state}" + (f": {worker.error}" if worker.error else ""))  # fmt: skip
+                f"{worker.state}" + (f": {detail}" if detail else ""))  # fmt: skip
             ready = ready and checks["model"] == "ok"
         elif stats is not None:
-            checks["model"] = f"ok ({len(stats.workers)} worker(s))" if stats.workers else "no worker is running"
-            ready = ready and bool(stats.workers)
+            checks["model"], any_ready = _workers_check(stats.workers)
+            ready = ready and any_ready
         else:
             checks["model"] = "unknown (queue unreachable)"
         if ready:
@@ -823,6 +824,19 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
         return Response(payload, media_type=content_type)
 
     return app
+
+
+def _workers_check(workers: dict[str, dict]) -> tuple[str, bool]:
+    """The /readyz model check in Redis mode: ready when one live worker is; the others' reasons are shown."""
+    # Heartbeats without a state come from workers of before the state was sent: they only beat when ready.
+    ready = [name for name, info in workers.items() if info.get("state", "ready") == "ready" and not info.get("reason")]
+    waiting = [f"{name}: {info.get('reason') or info.get('state')}" for name, info in sorted(workers.items())
+               if name not in ready]  # fmt: skip
+    if ready:
+        return f"ok ({len(ready)} worker(s))" + (f"; not ready: {'; '.join(waiting)}" if waiting else ""), True
+    if waiting:
+        return f"no worker is ready: {'; '.join(waiting)}", False
+    return "no worker is running", False
 
 
 async def _no_receive():

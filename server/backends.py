@@ -8,9 +8,10 @@ The sampling loop (text -> portable noise -> Euler steps with guidance -> decode
     unet(latents, t, text) -> velocity            (each step; what a Triton backend sends away)
     decode(latents) -> pixels in [-1, 1]
 
-:class:`TorchBackend` runs the three in this process. A Triton Inference Server backend (issue 7)
-subclasses :class:`StagedBackend` and replaces ``unet`` and ``decode`` with remote calls; the
-worker does not change. Images match ``SnapGenPipeline.__call__`` exactly (tested).
+:class:`TorchBackend` runs the three in this process; ``server.triton_backend.TritonBackend`` replaces
+them with calls to an NVIDIA Triton Inference Server. Images match ``SnapGenPipeline.__call__`` exactly
+(tested). A backend whose model service is down raises :class:`BackendUnavailable`, and its
+:meth:`Backend.health` says why; the worker then hands jobs back instead of failing them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class BackendOutput:
 StepCallback = Callable[[int, int, Any], None]
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend's model service cannot serve now (unreachable, a model not ready); the message says why.
+
+    Not the job's fault: the worker hands the batch back to the queue instead of failing it, and takes no
+    jobs until :meth:`Backend.health` is clear again.
+    """
+
+
 class Backend(ABC):
     """A loaded model that turns batches into images."""
 
@@ -61,6 +70,10 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, batch: Batch, on_step: StepCallback | None = None) -> BackendOutput:
         """Run the batch; ``on_step(step, steps, latents)`` after each step, raising from it stops."""
+
+    def health(self) -> str | None:
+        """None when the backend can serve; else why not (shown at /readyz). In-process backends always can."""
+        return None
 
     def warmup(self) -> None:
         """Run every supported size once so the first request pays no start-up costs."""

@@ -50,6 +50,10 @@ def add_commands(sub) -> None:
     w.add_argument("--channels-last", action="store_true", default=None)
     w.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net")
     w.add_argument("--threads", dest="torch_threads", type=int, help="torch CPU threads")
+    w.add_argument("--backend", choices=["torch", "triton"],
+                   help="torch: run the model in this process (default); triton: call the models of a Triton server "
+                   "(`snapgen export triton`), keeping the sampler here")  # fmt: skip
+    w.add_argument("--triton-url", metavar="URL", help="grpc://HOST:8001 (default protocol) or http://HOST:8000")
     w.add_argument("--name", dest="worker_name", help="consumer name (default HOST-PID)")
     w.add_argument("--max-batch", dest="max_batch_images", type=int, help="images per batch (default 8)")
     w.add_argument("--metrics-port", dest="worker_metrics_port", type=int, help="serve this worker's /metrics here")
@@ -61,7 +65,7 @@ def add_commands(sub) -> None:
 _FLAGS = (
     "host", "port", "redis_url", "model", "model_name", "device", "dtype", "api_processes", "api_keys_file",
     "allow_unauthenticated", "mobile_dir", "max_batch_images", "max_queue_depth", "log_level", "channels_last",
-    "compile", "torch_threads", "worker_name", "worker_metrics_port",
+    "compile", "torch_threads", "worker_name", "worker_metrics_port", "backend", "triton_url",
 )  # fmt: skip
 
 

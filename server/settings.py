@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     compile: bool = False
     torch_threads: int | None = Field(None, ge=1)
     warmup: bool = True
+    backend: Literal["torch", "triton"] = Field("torch", description="torch: in process; triton: a Triton server")
+    triton_url: str | None = Field(None, description="grpc://HOST:8001 or http://HOST:8000 (backend triton)")
 
     # -- API limits and security ---------------------------------------------------------------
     api_keys: CommaList = Field(default_factory=list, description="Bearer keys; empty = no authentication")
@@ -73,6 +75,21 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{value!r} is not a Redis URL; write redis://HOST:PORT/DB")
         return value or None
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("grpc://", "http://")):
+            raise ValueError(f"{value!r} is not a Triton URL; write grpc://HOST:8001 or http://HOST:8000")
+        return value or None
+
+    @model_validator(mode="after")
+    def _triton_pair(self) -> Settings:
+        if self.backend == "triton" and not self.triton_url:
+            raise ValueError("backend triton needs a Triton URL (--triton-url or SNAPGEN_TRITON_URL)")
+        if self.triton_url and self.backend != "triton":
+            raise ValueError("a Triton URL is given but the backend is torch; add --backend triton")
+        return self
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)

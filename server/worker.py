@@ -10,6 +10,12 @@ finishes if it can within ``drain_timeout_s``, otherwise it stops at the next st
 (and the buffered ones) are handed back to the queue for another worker. A second SIGTERM hands
 back at once. A worker killed outright (SIGKILL, power loss) is covered by the queue: its jobs
 are reclaimed after ``claim_idle_s`` and run elsewhere.
+
+A backend whose model service is down (``BackendUnavailable``: Triton unreachable, a model not ready)
+does not fail jobs: the worker hands them back to the queue (a job that already had ``max_attempts``
+runs fails instead, as a dead-lettered one would), takes no jobs, reports the reason in its heartbeat
+(``/readyz`` shows it) and probes the backend until it can serve again. The heartbeat also probes an
+idle ready worker's backend, so an outage shows before a job runs into it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .backends import Backend, Batch
+from .backends import Backend, BackendUnavailable, Batch
 from .queue import QUEUED, RUNNING, Job, JobQueue, QueueUnavailable
 
 log = logging.getLogger("snapgen.worker")
@@ -79,6 +85,7 @@ class Worker:
         warmup: bool = True,
         model_name: str | None = None,
         metrics: Any = None,
+        max_attempts: int | None = None,
     ):
         self.queue = queue
         self.load_backend = load_backend
@@ -90,10 +97,12 @@ class Worker:
         self.do_warmup = warmup
         self.model_name = model_name
         self.metrics = metrics
+        self.max_attempts = max_attempts
         self.backend: Backend | None = None
         self.info: dict[str, Any] | None = None
         self.state = "starting"
         self.error: str | None = None
+        self.reason: str | None = None  # why the backend cannot serve (BackendUnavailable), None when it can
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self._stopping = threading.Event()
@@ -103,6 +112,7 @@ class Worker:
         self._validated: set[str] = set()
         self._avg_batch_s: float | None = None
         self._thread: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
         self._busy = False
 
     # -- control ----------------------------------------------------------------------------
@@ -141,20 +151,16 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        heartbeat = None
         try:
             self.state = "loading"
             self.backend = self.load_backend()
-            if self.do_warmup:
-                self.state = "warming up"
-                started = time.perf_counter()
-                self.backend.warmup()
-                log.info("worker %s warmed up in %.2fs", self.name, time.perf_counter() - started)
             self.info = self.backend.describe()
             if self.model_name:
                 self.info["id"] = self.model_name
-            heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True)
-            heartbeat.start()
+            self._start_up()
+            if self._stopping.is_set():
+                return
+            self._start_heartbeat()
             backoff = 0.2
             while not self._stopping.is_set():
                 try:
@@ -170,6 +176,9 @@ class Worker:
             backoff = 0.2
             while not self._stopping.is_set():
                 try:
+                    if self.reason is not None:
+                        self._wait_for_backend()
+                        continue
                     self._round()
                     backoff = 0.2
                 except QueueUnavailable as e:
@@ -189,6 +198,59 @@ class Worker:
             self.stopped.set()
             with_timeout(lambda: self.queue.deregister(self.name))
 
+    def _start_up(self) -> None:
+        """Warm up (without warm-up: check the backend); while the backend cannot serve, report why and wait."""
+        while not self._stopping.is_set():
+            try:
+                if self.do_warmup:
+                    self.state = "warming up"
+                    started = time.perf_counter()
+                    self.backend.warmup()
+                    log.info("worker %s warmed up in %.2fs", self.name, time.perf_counter() - started)
+                else:
+                    reason = self.backend.health()
+                    if reason is not None:
+                        raise BackendUnavailable(reason)
+                return
+            except BackendUnavailable as e:
+                self.reason = str(e)
+                self._wait_for_backend()
+
+    def _wait_for_backend(self) -> None:
+        """Take no jobs while the backend cannot serve: hand back what is buffered, report why, probe until it can."""
+        was_ready = self.ready.is_set()
+        self.state = "waiting for backend"
+        log.warning("worker %s: the backend cannot serve (%s); taking no jobs until it can", self.name, self.reason)
+        if self._buffer:
+            self._hand_back(self._buffer)
+            self._buffer = []
+        self._start_heartbeat()
+        self._heartbeat_now()
+        backoff = 0.5
+        while not self._stopping.wait(backoff):
+            reason = self.backend.health()
+            if reason is None:
+                log.info("worker %s: the backend can serve again", self.name)
+                self.reason = None
+                self.state = "ready" if was_ready else "loading"
+                self._heartbeat_now()
+                return
+            self.reason = reason
+            backoff = min(backoff * 2, 5.0)
+
+    def _retry_later(self, jobs: list[Job], reason: str) -> None:
+        """Jobs that ran into an unavailable backend: back to the queue, unless they already had their attempts."""
+        spent = [j for j in jobs if self.max_attempts is not None and j.attempts >= self.max_attempts]
+        error = {
+            "code": "backend_unavailable",
+            "message": f"the model service was unavailable on each of the job's {self.max_attempts} attempts "
+            f"(last: {reason})",
+        }
+        for job in spent:
+            self._write(lambda job=job: self.queue.fail(job, error))
+            self._count_finished("failed")
+        self._hand_back([j for j in jobs if j not in spent])
+
     def _round(self) -> None:
         room = self.max_batch_images - len(self._buffer)
         jobs = list(self._buffer)
@@ -196,6 +258,11 @@ class Worker:
             jobs += self._reserve(room, block_s=0.0 if jobs else 1.0)
         if jobs and self.batch_wait_s > 0 and len(jobs) < self.max_batch_images:
             jobs += self._reserve(self.max_batch_images - len(jobs), block_s=self.batch_wait_s)
+        if self.reason is not None:
+            # The heartbeat's probe found the backend down while we waited for jobs: don't start them (that
+            # would spend an attempt); the wait hands them back.
+            self._buffer = jobs
+            return
         self._buffer = []
         jobs = [j for j in jobs if self._validate(j)]
         if not jobs:
@@ -319,6 +386,12 @@ class Worker:
             if stop.reason == "hand back":
                 self._hand_back([j for j in runnable if j.id not in canceled])
             return
+        except BackendUnavailable as e:
+            self._active = []
+            self.reason = str(e)
+            log.warning("worker %s: batch of %d image(s) handed back: %s", self.name, len(batch.prompts), e)
+            self._retry_later([j for j in runnable if j.id not in canceled], str(e))
+            return
         except Exception as e:
             self._active = []
             log.exception("worker %s: batch of %d image(s) failed", self.name, len(batch.prompts))
@@ -417,12 +490,37 @@ class Worker:
                 "heartbeat_s": self.heartbeat_s,
                 "max_batch_images": self.max_batch_images,
                 "avg_batch_s": self._avg_batch_s,
+                "reason": self.reason,
             },
             held=[*self._buffer, *self._active],
         )
 
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.name}", daemon=True)
+            self._heartbeat.start()
+
+    def _heartbeat_now(self) -> None:
+        """An extra heartbeat so a change of state shows at once (/readyz); the loop retries a failed one."""
+        try:
+            self._send_heartbeat()
+        except QueueUnavailable as e:
+            log.debug("heartbeat failed: %s", e)
+
+    def _probe_backend(self) -> None:
+        # Only an idle, ready worker: a running batch finds out by itself, a waiting worker probes in its loop.
+        if self.state != "ready" or self._busy or self.reason is not None or self.backend is None:
+            return
+        reason = self.backend.health()
+        if reason is not None and self.state == "ready" and self.reason is None:
+            self.reason, self.state = reason, "waiting for backend"
+
     def _heartbeat_loop(self) -> None:
         while not self.stopped.wait(self.heartbeat_s):
+            try:
+                self._probe_backend()
+            except Exception:
+                log.exception("backend health probe failed")
             try:
                 self._send_heartbeat()
             except QueueUnavailable as e:
@@ -456,6 +554,7 @@ def build_worker(queue, settings, name: str) -> Worker:
         warmup=settings.warmup,
         model_name=settings.model_name,
         metrics=metrics.worker_metrics(),
+        max_attempts=settings.max_deliveries,
     )
 
 
@@ -490,6 +589,10 @@ def load_backend(settings) -> Backend:
         from snapgen.model_dir import default_model_dir
 
         model = default_model_dir()
+    if settings.backend == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(model, settings.triton_url, name=settings.model_name)
     return TorchBackend(
         model,
         device=settings.device,

@@ -67,7 +67,7 @@ def _add_init_model(sub):
 
 # The other rooms of the project add their own subcommands (`train`, `serve`, `export`, ...):
 # each of these modules has ``add_commands(subparsers)`` and keeps its heavy imports lazy.
-EXTENSIONS = ("training.cli", "training.shapesbench.cli", "server.cli", "mobile_export.cli")
+EXTENSIONS = ("training.cli", "training.shapesbench.cli", "server.cli", "mobile_export.cli", "triton_export.cli")
 
 
 def _add_extensions(sub) -> None:

