@@ -56,7 +56,7 @@ def compose_cmd() -> list[str]:
 
 
 def run(args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, cwd=kwargs.pop("cwd", ROOT), timeout=120, **kwargs)
+    return subprocess.run(args, capture_output=True, text=True, cwd=kwargs.pop("cwd", ROOT), timeout=600, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ the full script
