@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from benchlib import cpu_name
+from benchlib import cpu_name, write_section
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -591,7 +591,8 @@ CPU cores, peak memory about 11 GB for the SDXL U-Net at 1024 px):
 
     .venv/bin/python bench/bench_efficiency.py --out docs/benchmarks.md
 
-It rewrites this file and saves the raw numbers to `bench/results/efficiency.json`. Options:
+It rewrites its own part of this file (between the `bench_efficiency` markers; other sections
+stay) and saves the raw numbers to `bench/results/efficiency.json`. Options:
 `--runs N` (timed calls per workload, default 3), `--kl-1024` (also time the KL decoders at
 1024 px, about a minute per call on 2 cores), `--ladder-1024` (ladder latency at 1024 px as
 well), `--quick` (smoke test at 128 px, about 2 minutes); `--help` lists the rest.
@@ -752,6 +753,36 @@ def _ladder_table(ladder: dict) -> list[str]:
     return _table(headers, body) + _contention_note(timed)
 
 
+START, END = "<!-- bench_efficiency:start -->", "<!-- bench_efficiency:end -->"
+
+# Issue 2's targets: (what, baseline name, resolution or None for the largest measured, minimum speed-up).
+TARGETS = [
+    ("SnapGen U-Net at least 5x faster per step than SDXL's at 1024 px", "SDXL U-Net (diffusers)", 1024, 5.0),
+    ("tiny decoder at least 50x faster than SDXL's VAE decoder", "SDXL VAE decoder (AutoencoderKL)", None, 50.0),
+    ("tiny decoder faster than AutoencoderTiny (TAESD)", "TAESD decoder (AutoencoderTiny)", None, 1.0),
+]
+
+
+def _targets_table(sections: dict) -> list[str]:
+    comparisons = [c for name in ("unet", "decoder") if name in sections for c in sections[name]["speedups"]]
+    body = []
+    for what, baseline, resolution, minimum in TARGETS:
+        found = [
+            c
+            for c in comparisons
+            if c["baseline"] == baseline and c["speedup"] and resolution in (None, c["resolution"])
+        ]
+        if not found:
+            body.append([what, "not measured in this run", "—"])
+            continue
+        c = max(found, key=lambda c: c["resolution"])
+        verdict = "met" if c["speedup"] >= minimum else "**missed**"
+        if c["contended"]:
+            verdict += " (cores were shared: rerun on an idle machine)"
+        body.append([what, f"{_fmt_x(c['speedup'])} at {c['resolution']} px", verdict])
+    return _table(["target", "measured", ""], body)
+
+
 def render_markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     lines = [HEADER.rstrip(), "", "## Run", ""]
@@ -797,6 +828,8 @@ def render_markdown(report: dict) -> str:
             "",
             *_ladder_table(sections["ladder"]),
         ]
+    if "unet" in sections or "decoder" in sections:
+        lines += ["", "## Against issue 2's targets", "", *_targets_table(sections)]
     return "\n".join(lines) + "\n"
 
 
@@ -931,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = render_markdown(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown)
+        write_section(args.out, f"{START}\n{markdown}{END}\n", START, END)
     else:
         print(markdown)
     args.json.parent.mkdir(parents=True, exist_ok=True)
