@@ -173,7 +173,7 @@ def main() -> None:
 
     results = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+        "machine": cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
         "model": str(model_dir),

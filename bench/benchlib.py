@@ -28,7 +28,8 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
     text = path.read_text() if path.exists() else ""
     if start in text and end in text:
         before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1].lstrip("\n")
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + section + ("\n" + after if after else "")
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + section
     tmp = path.with_name(f".{path.name}.tmp")

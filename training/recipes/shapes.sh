@@ -6,16 +6,19 @@
 #   bash training/recipes/shapes.sh                  # all stages
 #   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
 #   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
+#   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
 #
 # Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the no-KD baseline,
 # which nothing else reads); teacher + decoder -> kd -> ladd. With PARALLEL=1 (the default) two
 # lanes run side by side, one core each (the configs set cpu_threads: 1):
 #   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> ladd
 # Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
+# Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
+# product: the 4-step student with the tiny decoder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd}"
+STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd ship}"
 PARALLEL="${PARALLEL:-1}"
 mkdir -p runs/shapes
 
@@ -62,4 +65,17 @@ if [ "$PARALLEL" = 1 ]; then
     wait "$lane"
 else
     run_chain decoder teacher pretrain kd ladd
+fi
+
+if wanted ship; then
+    product=runs/shapes/ladd/model assets=snapgen/assets/snapgen-shapes
+    [ -f "${product}/model_index.json" ] || { echo "== ship: no LADD product at ${product}" >&2; exit 1; }
+    # Copied beside the target and swapped in, so an interrupted copy never leaves half a model.
+    rm -rf "${assets}.new" "${assets}.old"
+    cp -r "$product" "${assets}.new"
+    chmod -R a+rX "${assets}.new"
+    [ -d "$assets" ] && mv "$assets" "${assets}.old"
+    mv "${assets}.new" "$assets"
+    rm -rf "${assets}.old"
+    echo "== ship: ${product} -> ${assets} ($(du -sh "$assets" | cut -f1))"
 fi

@@ -9,24 +9,30 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = [  # report name, what it is
-    ("teacher", "teacher (SD3 MMDiT)"),
-    ("pretrain", "student, no KD"),
-    ("pretrain4", "student, no KD (not step-distilled)"),
-    ("kd", "student, multi-level KD"),
-    ("ladd4", "LADD student (default)"),
-    ("ladd8", "LADD student"),
+ROWS = [  # report name, what it is, the decoder its pictures came from
+    ("teacher", "teacher (SD3 MMDiT)", "full"),
+    ("pretrain", "student, no KD", "tiny v1"),
+    ("pretrain-fulldec", "student, no KD", "full"),
+    ("pretrain4", "student, no KD (not step-distilled)", "tiny v1"),
+    ("pretrain4-fulldec", "student, no KD (not step-distilled)", "full"),
+    ("pretrain4-dec2", "student, no KD (not step-distilled)", "tiny v2"),
+    ("pretrain-dec2", "student, no KD", "tiny v2"),
+    ("kd", "student, multi-level KD", "tiny v1"),
+    ("ladd4", "LADD student", "tiny v1"),
+    ("ladd8", "LADD student", "tiny v1"),
+    ("ladd4-dec2", "**LADD student: the default**", "tiny v2"),
+    ("ladd8-dec2", "LADD student", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
 
 def table(folder: Path) -> str:
     lines = [
-        "| model | steps | guidance | " + " | ".join(CATEGORIES)
+        "| model | decoder | steps | guidance | " + " | ".join(CATEGORIES)
         + " | **overall** | held-out | eval s/image (batch 50, 1 thread, shared CPU) |",
-        "|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
+        "|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
     ]
-    for name, label in ROWS:
+    for name, label, decoder in ROWS:
         path = folder / f"{name}.json"
         if not path.is_file():
             continue
@@ -34,7 +40,7 @@ def table(folder: Path) -> str:
         cells = [f"{100 * r['accuracy'][c]:.1f}" for c in CATEGORIES]
         per_image = r["seconds"] / (r["n"] + r["n_held_out"])
         lines.append(
-            f"| {label} | {r['steps']} | {r['guidance_scale']:g} | " + " | ".join(cells)
+            f"| {label} | {decoder} | {r['steps']} | {r['guidance_scale']:g} | " + " | ".join(cells)
             + f" | **{100 * r['overall']:.1f}** | {100 * r['held_out']['overall']:.1f} | {per_image:.3f} |"
         )
     return "\n".join(lines)
