@@ -118,18 +118,24 @@ def test_ladd_steps_train_the_heads_keep_the_teacher_frozen_and_export_distilled
     assert out.images[0].size == (32, 32)
 
 
-def test_guided_distillation_target_is_the_teachers_cfg_combination(ladd_parts):
+def guided_target(stage, config, teacher):
+    """A batch, one generator step, the stage's distillation target, and ``teacher``'s conditional and
+    unconditional velocities at the same points, to check the target against."""
     from training.data import build_dataset, collate
 
-    stage, config = ladd_stage(ladd_parts, distill_guidance=3.0)
     batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
     torch.manual_seed(2)
     g = stage._generate(batch)
     target = stage._distill_target(batch, g)
     with torch.no_grad():
-        cond = stage.teacher(g["x_t"], g["t"], g["text"]).velocity
-        empty = stage.inputs.encode_prompts(["", ""])
-        uncond = stage.teacher(g["x_t"], g["t"], empty).velocity
+        cond = teacher(g["x_t"], g["t"], g["text"]).velocity
+        uncond = teacher(g["x_t"], g["t"], stage.inputs.encode_prompts(["", ""])).velocity
+    return batch, g, target, cond, uncond
+
+
+def test_guided_distillation_target_is_the_teachers_cfg_combination(ladd_parts):
+    stage, config = ladd_stage(ladd_parts, distill_guidance=3.0)
+    batch, g, target, cond, uncond = guided_target(stage, config, stage.teacher)
     torch.testing.assert_close(target, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(target, cond, atol=1e-3)  # the guidance changes the target
     # g = 1 is the plain conditional velocity (and costs one teacher call).
@@ -140,19 +146,12 @@ def test_guided_distillation_target_is_the_teachers_cfg_combination(ladd_parts):
 def test_a_unet_model_directory_can_be_the_distillation_target(ladd_parts):
     """``distill_teacher`` may be a snapgen model directory (e.g. the 28-step student when it beats
     the small MMDiT): the target is then that U-Net's guided velocity; the MMDiT still discriminates."""
-    from training.data import build_dataset, collate
     from training.teacher import SD3TeacherAdapter, UNetTeacherAdapter
 
     stage, config = ladd_stage(ladd_parts, distill_guidance=2.0, distill_teacher=str(ladd_parts / "student"))
     stage.check_compatible()
     assert isinstance(stage.distill_teacher, UNetTeacherAdapter) and isinstance(stage.teacher, SD3TeacherAdapter)
-    batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
-    torch.manual_seed(2)
-    g = stage._generate(batch)
-    target = stage._distill_target(batch, g)
-    with torch.no_grad():
-        cond = stage.distill_teacher(g["x_t"], g["t"], g["text"]).velocity
-        uncond = stage.distill_teacher(g["x_t"], g["t"], stage.inputs.encode_prompts(["", ""])).velocity
+    _, g, target, cond, uncond = guided_target(stage, config, stage.distill_teacher)
     torch.testing.assert_close(target, uncond + 2.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
     # At initialisation the student is its own distillation target: the conditional velocities agree.
     torch.testing.assert_close(g["v"], cond, rtol=1e-4, atol=1e-5)
