@@ -6,10 +6,11 @@ as ``benchlib``.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from pathlib import Path
+
+from snapgen.model_dir import write_file_atomically
 
 
 def cpu_name() -> str:
@@ -24,7 +25,7 @@ def cpu_name() -> str:
 
 def write_section(path: Path, section: str, start: str, end: str) -> None:
     """Replace the text between the ``start`` and ``end`` markers of ``path`` with ``section`` (which
-    holds both markers), or append it; written to a temporary sibling and renamed into place."""
+    holds both markers), or append it; the file is replaced atomically."""
     text = path.read_text() if path.exists() else ""
     if start in text and end in text:
         before, rest = text.split(start, 1)
@@ -32,6 +33,4 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
         text = before + section + ("\n" + after if after else "")
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + section
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda f: f.write(text.encode()))
