@@ -6,7 +6,8 @@
 2. End to end, the way a user calls it (``SnapGenPipeline.__call__``: text encoder + 4 U-Net steps
    + decoder, PIL output): latency of one image at batch 1 (median and p90 of ``--repeats`` runs,
    each with a new prompt and seed, so nothing is cached) and throughput at batch 8, with the
-   pipeline's own split into text / U-Net / decode time.
+   pipeline's own split into text / U-Net / decode time; once eager, once with the U-Net traced
+   (``enable_unet_tracing``, what the server's CPU workers do).
 
 Usage::
 
@@ -92,8 +93,10 @@ def bench_decoders(model_dir: Path, autoencoder: Path, images: int, repeats: int
     return result
 
 
-def bench_end_to_end(model_dir: Path, steps: int, repeats: int) -> dict:
+def bench_end_to_end(model_dir: Path, steps: int, repeats: int, trace_unet: bool) -> dict:
     pipeline = load_pipeline(model_dir)
+    if trace_unet:
+        pipeline.enable_unet_tracing()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(repeats + 1)]
     runs = []
     for i, prompt in enumerate(prompts):  # the first is the warm-up
@@ -119,24 +122,34 @@ def bench_end_to_end(model_dir: Path, steps: int, repeats: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    d, e = results["decoders"], results["end_to_end"]
+    d, eager, traced = results["decoders"], results["end_to_end_eager"], results["end_to_end_traced"]
     lat = d["latency_ms"]
+
+    def row(label: str, cell) -> str:
+        return f"| {label} | {cell(eager)} | {cell(traced)} |"
+
     lines = [
         START,
         f"### Latency and decoders (`bench/bench_default_model.py`, {results['date']}, {results['machine']}, "
         f"{results['threads']} threads, torch {results['torch']})",
         "",
-        f"End to end, {e['steps']} steps, {e['resolution'][0]}x{e['resolution'][1]} px, guidance "
-        f"{e['guidance_scale']:g} (text encoder + U-Net + decoder + PIL):",
+        f"End to end, {eager['steps']} steps, {eager['resolution'][0]}x{eager['resolution'][1]} px, guidance "
+        f"{eager['guidance_scale']:g} (text encoder + U-Net + decoder + PIL). Eager is what a one-off "
+        "`snapgen generate` runs; traced is the U-Net through TorchScript traces (`snapgen.tracing`), what the "
+        "server's CPU workers run: the same images bit for bit.",
         "",
-        "| | value |",
-        "|---|---|",
-        f"| batch 1 latency, median | {e['batch1_latency_ms']['median']:.1f} ms |",
-        f"| batch 1 latency, p90 | {e['batch1_latency_ms']['p90']:.1f} ms |",
-        f"| batch 1 split: text / U-Net ({e['steps']} steps) / decode | "
-        + " / ".join(f"{e['batch1_split_ms'][k]:.1f}" for k in ("text", "unet", "decode"))
-        + " ms |",
-        f"| batch 8 throughput | {e['batch8_images_per_s']:.1f} images/s ({e['batch8_latency_ms']:.0f} ms a batch) |",
+        "| | eager | traced U-Net |",
+        "|---|---|---|",
+        row("batch 1 latency, median", lambda e: f"{e['batch1_latency_ms']['median']:.1f} ms"),
+        row("batch 1 latency, p90", lambda e: f"{e['batch1_latency_ms']['p90']:.1f} ms"),
+        row(
+            f"batch 1 split: text / U-Net ({eager['steps']} steps) / decode",
+            lambda e: " / ".join(f"{e['batch1_split_ms'][k]:.1f}" for k in ("text", "unet", "decode")) + " ms",
+        ),
+        row(
+            "batch 8 throughput",
+            lambda e: f"{e['batch8_images_per_s']:.1f} images/s ({e['batch8_latency_ms']:.0f} ms a batch)",
+        ),
         "",
         f"Decoders on {d['images']} unseen ShapesBench pictures (PSNR over [-1, 1]):",
         "",
@@ -178,7 +191,8 @@ def main() -> None:
         "torch": torch.__version__,
         "model": str(model_dir),
         "decoders": bench_decoders(model_dir, args.autoencoder, args.images, args.repeats),
-        "end_to_end": bench_end_to_end(model_dir, args.steps, args.repeats),
+        "end_to_end_eager": bench_end_to_end(model_dir, args.steps, args.repeats, trace_unet=False),
+        "end_to_end_traced": bench_end_to_end(model_dir, args.steps, args.repeats, trace_unet=True),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -194,7 +194,11 @@ class _TokenCounter:
 
 
 class TorchBackend(StagedBackend):
-    """The model in this process (CPU or ``cuda:N``), optionally fp16/bf16, channels_last, compiled."""
+    """The model in this process (CPU or ``cuda:N``), optionally fp16/bf16, channels_last, compiled.
+
+    On CPU the U-Net runs through TorchScript traces unless ``trace_unet=False`` (same bytes out,
+    ~25 % faster a step; see ``snapgen.tracing``).
+    """
 
     def __init__(
         self,
@@ -203,11 +207,13 @@ class TorchBackend(StagedBackend):
         dtype: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
+        trace_unet: bool | None = None,
         name: str | None = None,
     ):
         import torch
 
         from snapgen.model_dir import load_pipeline
+        from snapgen.tracing import TracedUNet
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -221,7 +227,17 @@ class TorchBackend(StagedBackend):
         if channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.decoder.to(memory_format=torch.channels_last)
-        self._unet = torch.compile(self.pipe.unet) if compile else self.pipe.unet
+        if trace_unet is None:  # measured faster on CPU; on GPUs compile (or CUDA graphs) is the tool
+            trace_unet = self.pipe.device.type == "cpu" and not compile
+        if compile and trace_unet:
+            raise ValueError("choose one of compile and trace_unet")
+        if compile:
+            compiled = torch.compile(self.pipe.unet)
+            self._unet = lambda *inputs: compiled(*inputs).sample
+        elif trace_unet:
+            self._unet = TracedUNet(self.pipe.unet)
+        else:
+            self._unet = lambda *inputs: self.pipe.unet(*inputs).sample
         self._device, self._dtype = self.pipe.device, self.pipe.dtype
 
     @property
@@ -239,7 +255,7 @@ class TorchBackend(StagedBackend):
         return self.pipe.encode_prompts(list(prompts))
 
     def unet(self, latents, t, text):
-        return self._unet(latents, t, text.tokens, text.mask, text.pooled).sample
+        return self._unet(latents, t, text.tokens, text.mask, text.pooled)
 
     def decode(self, latents):
         decoder = self.pipe.decoder

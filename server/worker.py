@@ -599,5 +599,6 @@ def load_backend(settings) -> Backend:
         dtype=settings.dtype,
         channels_last=settings.channels_last,
         compile=settings.compile,
+        trace_unet=settings.trace_unet,
         name=settings.model_name,
     )

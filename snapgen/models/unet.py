@@ -185,7 +185,9 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         feature-level knowledge distillation matches against the teacher.
         """
         batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
+        if not torch.is_tensor(timestep):  # a tensor stays an input when the U-Net is traced
+            timestep = torch.tensor(timestep)
+        timestep = timestep.to(device=sample.device, dtype=torch.float32)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
         temb = timestep_sinusoids(timestep, self.config.block_out_channels[0], self.config.timestep_scale)
