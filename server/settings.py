@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    trace_unet: bool | None = Field(None, description="TorchScript-trace the U-Net; unset = on for CPU, off for GPU")
+    trace_unet: bool | None = Field(None, description="TorchScript-trace the U-Net; unset = on unless compile")
     torch_threads: int | None = Field(None, ge=1)
     warmup: bool = True
     backend: Literal["torch", "triton"] = Field("torch", description="torch: in process; triton: a Triton server")
