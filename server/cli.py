@@ -51,7 +51,7 @@ def add_commands(sub) -> None:
     w.add_argument("--channels-last", action="store_true", default=None)
     w.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net")
     w.add_argument("--trace-unet", action=argparse.BooleanOptionalAction, default=None,
-                   help="TorchScript-trace the U-Net (default: on unless --compile; same images, less time a step)")  # fmt: skip
+                   help="TorchScript-trace the U-Net (default: on unless --compile; same images, faster)")  # fmt: skip
     w.add_argument("--threads", dest="torch_threads", type=int, help="torch CPU threads")
     w.add_argument("--backend", choices=["torch", "triton"],
                    help="torch: run the model in this process (default); triton: call the models of a Triton server "

@@ -116,6 +116,16 @@ def write_atomically(path: Path, fill) -> Path:
     return path
 
 
+def save_component(model, path: Path) -> None:
+    """``save_pretrained`` (safetensors) without ``_name_or_path``: diffusers records where
+    ``from_pretrained`` read the model, a local path that means nothing in a shipped directory."""
+    model.save_pretrained(path, safe_serialization=True)
+    config_file = Path(path) / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_model(
     directory: str | Path,
     unet: SnapGenUNet,
@@ -131,8 +141,8 @@ def save_model(
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --force) to replace it")
 
     def fill(tmp: Path) -> None:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        decoder_model.save_pretrained(tmp / "decoder", safe_serialization=True)
+        save_component(unet, tmp / "unet")
+        save_component(decoder_model, tmp / "decoder")
         save_text_encoder(text_encoder, tmp / "text_encoder")
         sampler.save(tmp / "scheduler")
         factor = latent_factor(decoder_model)

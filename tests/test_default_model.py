@@ -53,3 +53,15 @@ def test_default_model_rejects_bad_size_with_a_clear_message():
     pipe = load_pipeline()
     with pytest.raises(InvalidRequestError, match="128x128"):
         pipe(PROMPT, seeds=0, steps=1, height=256, width=256)
+
+
+def test_saved_model_directories_carry_no_local_paths(tmp_path):
+    # diffusers records where from_pretrained read a component (`_name_or_path`): a path on the
+    # machine that trained it, which must not end up in a shipped or re-saved model directory.
+    from snapgen.model_dir import save_model
+
+    pipe = load_pipeline()
+    saved = save_model(tmp_path / "copy", pipe.unet, pipe.decoder.model, pipe.text_encoder, pipe.sampler)
+    for directory in (DEFAULT_MODEL_DIR, saved):
+        for config in directory.glob("*/config.json"):
+            assert "_name_or_path" not in json.loads(config.read_text()), config

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snapgen.flow import interpolate, sample_logit_normal, shift_time
-from snapgen.model_dir import save_model, write_atomically
+from snapgen.model_dir import save_component, save_model, write_atomically
 from snapgen.models.autoencoder import load_decoder
 from snapgen.models.configs import build_unet, unet_config
 from snapgen.models.unet import SnapGenUNet
@@ -309,7 +309,7 @@ class PretrainStage(FlowStage):
         unet = model["net"].float()
         if "classes" in model:
             def fill(tmp: Path) -> None:
-                unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                save_component(unet, tmp / "unet")
                 tensors = {k: v.detach().cpu().contiguous() for k, v in model["classes"].state_dict().items()}
                 save_file(tensors, tmp / "class_embedding.safetensors")
                 (tmp / "classes.json").write_text(json.dumps(self.config.data.classes, indent=1) + "\n")
