@@ -8,33 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_harness import ROOT, Proc, Server, clean_env, free_port, snapgen
+from server_harness import Proc, Server, clean_env, free_port, snapgen
 
 
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random-weight snapgen-tiny model (128 px images, a few ms per step)."""
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    result = subprocess.run(
-        snapgen("init-model", "--config", "snapgen-tiny", "--out", str(path), "--seed", "1", "--steps", "2"),
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -29,14 +29,6 @@ def log_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random-weight snapgen-tiny model (128 px images, 2 default steps)."""
-    path = tmp_path_factory.mktemp("triton-models") / "tiny"
-    assert main(["init-model", "--config", "snapgen-tiny", "--out", str(path), "--seed", "1", "--steps", "2"]) == 0
-    return path
-
-
-@pytest.fixture(scope="session")
 def python_repo(tiny_model, tmp_path_factory) -> Path:
     """`snapgen export triton` with the defaults: python backend, max_batch_size 16, KIND_CPU."""
     path = tmp_path_factory.mktemp("triton-repos") / "python"
