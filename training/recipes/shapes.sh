@@ -8,10 +8,13 @@
 #   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
 #   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
 #
-# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the no-KD baseline,
-# which nothing else reads); teacher + decoder -> kd -> ladd. With PARALLEL=1 (the default) two
-# lanes run side by side, one core each (the configs set cpu_threads: 1):
-#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> ladd
+# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the student without KD);
+# teacher + decoder -> kd; pretrain + teacher -> ladd. LADD starts from the student *without* KD:
+# with this teacher KD made the student worse (docs/results.md), so the longer-trained no-KD
+# student is the better parent; the MMDiT teacher stays LADD's discriminator backbone. With
+# PARALLEL=1 (the default) two lanes run side by side, one core each (cpu_threads: 1), then LADD:
+#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd
+#   then: ladd
 # Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
 # Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
 # product: the 4-step student with the tiny decoder.
@@ -44,7 +47,26 @@ run_stage() {
     echo "== ${stage}: done $(date -u +%FT%TZ) (${took} s this run)"
 }
 
-run_chain() { for stage in "$@"; do wanted "$stage" && run_stage "$stage"; done; return 0; }
+run_pretrain() {
+    # Two legs of one run: to 2000 steps, the model the KD student (2000 steps, kd.yaml) is compared
+    # with at equal steps, kept as model-2000steps (wall time in DONE-2000steps); then on to
+    # pretrain.yaml's max_steps, LADD's parent (wall time of this leg in DONE).
+    local out=runs/shapes/pretrain
+    if [ ! -d "${out}/model-2000steps" ]; then
+        MAX_STEPS=2000 run_stage pretrain
+        cp -r "${out}/model" "${out}/model-2000steps"
+        mv "${out}/DONE" "${out}/DONE-2000steps"
+    fi
+    run_stage pretrain
+}
+
+run_chain() {
+    for stage in "$@"; do
+        if ! wanted "$stage"; then continue; fi
+        if [ "$stage" = pretrain ]; then run_pretrain; else run_stage "$stage"; fi
+    done
+    return 0
+}
 
 wait_for() {  # a stage of the other lane
     while [ ! -f "runs/shapes/$1/DONE" ]; do
@@ -58,11 +80,12 @@ if [ "$PARALLEL" = 1 ]; then
     run_chain decoder pretrain &
     lane=$!
     run_chain teacher
-    if wanted kd || wanted ladd; then
+    if wanted kd; then
         { wanted decoder || [ -f runs/shapes/decoder/DONE ]; } && wait_for decoder "$lane"
-        run_chain kd ladd
+        run_chain kd
     fi
     wait "$lane"
+    run_chain ladd
 else
     run_chain decoder teacher pretrain kd ladd
 fi

@@ -11,18 +11,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-MODELS="${MODELS:-teacher pretrain kd ladd4 ladd8}"
+MODELS="${MODELS:-teacher pretrain-2k kd pretrain pretrain4 ladd4 ladd8}"
 PARALLEL="${PARALLEL:-1}"
 OUT=runs/shapes/eval
 mkdir -p "$OUT"
 
+P=runs/shapes/pretrain
 declare -A MODEL=(
-    [teacher]=runs/shapes/teacher/teacher [pretrain]=runs/shapes/pretrain/model [kd]=runs/shapes/kd/model
-    [ladd4]=runs/shapes/ladd/model [ladd8]=runs/shapes/ladd/model
+    [teacher]=runs/shapes/teacher/teacher [pretrain-2k]=$P/model-2000steps [kd]=runs/shapes/kd/model
+    [pretrain]=$P/model [pretrain4]=$P/model [ladd4]=runs/shapes/ladd/model [ladd8]=runs/shapes/ladd/model
 )
-# The teacher and the two 28-step students sample with guidance 3 (their exported default);
-# the LADD students are step-distilled to sample without it.
-declare -A STEPS=([teacher]=28 [pretrain]=28 [kd]=28 [ladd4]=4 [ladd8]=8)
+# The teacher and the 28-step students sample with guidance 3 (their exported default), pretrain4
+# too (the parent at the default's step count, not step-distilled); the LADD students are
+# step-distilled to sample without it. pretrain-2k and kd: the KD comparison at equal steps.
+declare -A STEPS=([teacher]=28 [pretrain-2k]=28 [kd]=28 [pretrain]=28 [pretrain4]=4 [ladd4]=4 [ladd8]=8)
 
 evaluate() {
     local name=$1

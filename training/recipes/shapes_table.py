@@ -9,19 +9,24 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = [  # report name, what it is, the decoder its pictures came from
+ROWS = [  # report (relative to the eval folder), what it is, the decoder its pictures came from
     ("teacher", "teacher (SD3 MMDiT)", "full"),
-    ("pretrain", "student, no KD", "tiny v1"),
-    ("pretrain-fulldec", "student, no KD", "full"),
-    ("pretrain4", "student, no KD (not step-distilled)", "tiny v1"),
-    ("pretrain4-fulldec", "student, no KD (not step-distilled)", "full"),
-    ("pretrain4-dec2", "student, no KD (not step-distilled)", "tiny v2"),
-    ("pretrain-dec2", "student, no KD", "tiny v2"),
-    ("kd", "student, multi-level KD", "tiny v1"),
-    ("ladd4", "LADD student", "tiny v1"),
-    ("ladd8", "LADD student", "tiny v1"),
-    ("ladd4-dec2", "**LADD student: the default**", "tiny v2"),
-    ("ladd8-dec2", "LADD student", "tiny v2"),
+    ("pretrain-2k", "student, no KD, 2000 steps", "tiny v2"),
+    ("kd", "student, multi-level KD, 2000 steps", "tiny v2"),
+    ("pretrain", "student, no KD, 4000 steps", "tiny v2"),
+    ("pretrain4", "student, no KD, 4000 steps (not step-distilled)", "tiny v2"),
+    ("ladd4", "**LADD student of the 4000-step parent: the default**", "tiny v2"),
+    ("ladd8", "LADD student of the 4000-step parent", "tiny v2"),
+    # Session 3's runs (decoder v1 era; LADD from the KD student), kept for the comparisons they show.
+    ("session3/pretrain", "session 3: student, no KD, 2000 steps", "tiny v1"),
+    ("session3/pretrain-fulldec", "session 3: student, no KD, 2000 steps", "full"),
+    ("session3/pretrain4", "session 3: student, no KD, 2000 steps (not step-distilled)", "tiny v1"),
+    ("session3/pretrain4-fulldec", "session 3: student, no KD, 2000 steps (not step-distilled)", "full"),
+    ("session3/pretrain4-dec2", "session 3: student, no KD, 2000 steps (not step-distilled)", "tiny v2"),
+    ("session3/kd", "session 3: student, multi-level KD, 2000 steps", "tiny v1"),
+    ("session3/ladd4", "session 3: LADD student of the KD student", "tiny v1"),
+    ("session3/ladd8", "session 3: LADD student of the KD student", "tiny v1"),
+    ("session3/ladd4-dec2", "session 3: LADD student of the KD student (then the default)", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
