@@ -168,15 +168,16 @@ def bench_server_backend(warmup: int, runs: int) -> dict:
     from server.backends import Batch, TorchBackend
 
     prompts = ["a red circle to the left of a blue square", "three green triangles"] * 4
-    modes = {
-        "fp32": {},
-        "fp32 traced U-Net": {"trace_unet": True},
-        "fp16": {"dtype": "fp16"},
-        "fp16 channels_last": {"dtype": "fp16", "channels_last": True},
-        "fp16 torch.compile": {"dtype": "fp16", "compile": True},
+    modes = {  # name: (TorchBackend options, the mode whose images a trace must equal bit for bit)
+        "fp32": ({"trace_unet": False}, None),
+        "fp32 traced U-Net": ({"trace_unet": True}, "fp32"),
+        "fp16": ({"dtype": "fp16", "trace_unet": False}, None),
+        "fp16 traced U-Net": ({"dtype": "fp16", "trace_unet": True}, "fp16"),
+        "fp16 channels_last": ({"dtype": "fp16", "channels_last": True, "trace_unet": False}, None),
+        "fp16 torch.compile": ({"dtype": "fp16", "compile": True}, None),
     }
-    result, reference = {}, None
-    for name, options in modes.items():
+    result, reference, images_of = {}, None, {}
+    for name, (options, eager_twin) in modes.items():
         backend = TorchBackend(default_model_dir(), device="cuda", **options)
         row = {}
         for batch in (1, 8):
@@ -188,6 +189,9 @@ def bench_server_backend(warmup: int, runs: int) -> dict:
             reference = images
         row["max_abs_vs_fp32"] = int(np.abs(images - reference).max())
         row["equal_share_vs_fp32"] = float((images == reference).mean())
+        if eager_twin is not None:
+            row["identical_to_eager"] = bool(np.array_equal(images, images_of[eager_twin]))
+        images_of[name] = images
         result[name] = row
         print(name, row, flush=True)
     return result
@@ -284,15 +288,17 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "The server's engine (`TorchBackend.generate`: text encoder, 4 U-Net steps, decoder, uint8 images) "
-            "on this GPU, default model, 128 px; images compared with the fp32 mode's (8-bit values):",
+            f"on {report.get('server_backend_gpu', report['gpu'])}, default model, 128 px; images compared with "
+            "the fp32 mode's (8-bit values):",
             "",
-            "| mode | batch 1 | batch 8 | images/s at batch 8 | max diff vs fp32 | equal values |",
-            "|---|---|---|---|---|---|",
+            "| mode | batch 1 | batch 8 | images/s at batch 8 | max diff vs fp32 | equal values | trace = eager |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, r in report["server_backend"].items():
+            same = {True: "yes, bit for bit", False: "**no**", None: ""}[r.get("identical_to_eager")]
             lines.append(
                 f"| {name} | {r['batch1_ms']:.1f} ms | {r['batch8_ms']:.1f} ms | {8000 / r['batch8_ms']:.0f} | "
-                f"{r['max_abs_vs_fp32']} | {100 * r['equal_share_vs_fp32']:.1f} % |"
+                f"{r['max_abs_vs_fp32']} | {100 * r['equal_share_vs_fp32']:.1f} % | {same} |"
             )
         if report.get("text_encoder_weights") == "random":
             lines += ["", "(MiniLM's weights were random on this run, same shapes: timings hold, images do not.)"]
@@ -314,11 +320,16 @@ def main() -> None:
     if args.render:
         report = {}
         for path in args.render:
-            report.update(json.loads(path.read_text()))
+            part = json.loads(path.read_text())
+            if "server_backend" in part:  # the parts may come from different cards: keep each one's name
+                part.setdefault("server_backend_gpu", part["gpu"])
+            report.update(part)
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run this on a GPU machine, or pass --render JSON")
         report = run(args)
+        if "server_backend" in report:
+            report["server_backend_gpu"] = report["gpu"]
         report["text_encoder_weights"] = os.environ.get("SNAPGEN_BENCH_TEXT_WEIGHTS", "real")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
