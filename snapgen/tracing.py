@@ -25,29 +25,17 @@ from torch import nn
 from .models.unet import SnapGenUNet
 
 
-class _UNetCall(nn.Module):
-    """The U-Net as a function of tensors only (trace inputs cannot be None)."""
+class ShapeTraces:
+    """Call ``module`` (whose inputs are all tensors) through one trace per input signature.
 
-    def __init__(self, unet: SnapGenUNet, has_mask: bool, has_pooled: bool):
-        super().__init__()
-        self.unet, self.has_mask, self.has_pooled = unet, has_mask, has_pooled
-
-    def forward(self, sample, timestep, context, mask, pooled):
-        mask = mask if self.has_mask else None
-        pooled = pooled if self.has_pooled else None
-        return self.unet(sample, timestep, context, mask, pooled, return_dict=False)[0]
-
-
-class TracedUNet:
-    """Call like the U-Net (returns the velocity tensor); traces once per input signature.
-
-    Falls back to eager when gradients are enabled (traces are recorded for inference only).
-    Call ``clear()`` after moving or replacing the U-Net's parameters: a trace keeps the tensors
-    it was recorded with.
+    The signature is each input's shape, dtype and device; at most ``max_traces`` are kept, least
+    recently used dropped. Eager when gradients are on or any submodule is training (the traces
+    are recorded for inference). Call ``clear()`` after moving or replacing the module's parameters: a
+    trace keeps the tensors it was recorded with.
     """
 
-    def __init__(self, unet: SnapGenUNet, max_traces: int = 32):
-        self.unet = unet
+    def __init__(self, module: nn.Module, max_traces: int = 32):
+        self.module = module
         self.max_traces = max_traces
         self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
 
@@ -57,6 +45,52 @@ class TracedUNet:
     def __len__(self) -> int:
         return len(self._traces)
 
+    def signatures(self) -> list[tuple]:
+        """Keys of the kept traces, least recently used first: ``((shape, dtype, device), ...)``."""
+        return list(self._traces)
+
+    def __call__(self, *inputs: torch.Tensor):
+        if torch.is_grad_enabled() or any(m.training for m in self.module.modules()):
+            return self.module(*inputs)
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+        trace = self._traces.get(key)
+        if trace is None:
+            # The tracer warns about every shape it freezes into the graph (group-norm sizes, chunk
+            # splits): expected here, since each trace serves one input signature only.
+            with torch.jit.optimized_execution(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                trace = torch.jit.trace(self.module, inputs, check_trace=False)
+            self._traces[key] = trace
+            while len(self._traces) > self.max_traces:
+                self._traces.popitem(last=False)
+        else:
+            self._traces.move_to_end(key)
+        with torch.jit.optimized_execution(False):
+            return trace(*inputs)
+
+
+class _UNetCall(nn.Module):
+    """The U-Net as a function of tensors only: an empty mask or pooled tensor stands for None
+    (trace inputs cannot be None; emptiness is a shape, so each signature's trace is right)."""
+
+    def __init__(self, unet: SnapGenUNet):
+        super().__init__()
+        self.unet = unet
+        self.training = False  # the wrapper's own flag only: whether to trace follows the U-Net's
+
+    def forward(self, sample, timestep, context, mask, pooled):
+        mask = mask if mask.numel() else None
+        pooled = pooled if pooled.numel() else None
+        return self.unet(sample, timestep, context, mask, pooled, return_dict=False)[0]
+
+
+class TracedUNet(ShapeTraces):
+    """Call like the U-Net (returns the velocity tensor); traces once per input signature."""
+
+    def __init__(self, unet: SnapGenUNet, max_traces: int = 32):
+        super().__init__(_UNetCall(unet), max_traces)
+        self.unet = unet
+
     def __call__(
         self,
         sample: torch.Tensor,
@@ -65,30 +99,12 @@ class TracedUNet:
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_projections: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.unet.training:
-            return self.unet(sample, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections).sample
         timestep = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(sample.shape[0])
-        placeholder = sample.new_empty(0)
-        inputs = (
+        empty = sample.new_empty(0)
+        return super().__call__(
             sample,
             timestep.contiguous(),
             encoder_hidden_states,
-            placeholder if encoder_attention_mask is None else encoder_attention_mask,
-            placeholder if pooled_projections is None else pooled_projections,
+            empty if encoder_attention_mask is None else encoder_attention_mask,
+            empty if pooled_projections is None else pooled_projections,
         )
-        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
-        trace = self._traces.get(key)
-        if trace is None:
-            call = _UNetCall(self.unet, encoder_attention_mask is not None, pooled_projections is not None)
-            # The tracer warns about every shape it freezes into the graph (group-norm sizes, chunk
-            # splits): expected here, since each trace serves one input signature only.
-            with torch.jit.optimized_execution(False), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                trace = torch.jit.trace(call, inputs, check_trace=False)
-            self._traces[key] = trace
-            while len(self._traces) > self.max_traces:
-                self._traces.popitem(last=False)
-        else:
-            self._traces.move_to_end(key)
-        with torch.jit.optimized_execution(False):
-            return trace(*inputs)

@@ -53,7 +53,7 @@ def test_least_recently_used_trace_is_dropped(unet):
     for batch in (1, 2, 1, 3):
         traced(*inputs(unet, batch))
     assert len(traced) == 2
-    assert sorted(key[0][0][0] for key in traced._traces) == [1, 3]
+    assert [key[0][0][0] for key in traced.signatures()] == [1, 3]  # sample's batch size, LRU first
 
 
 def test_with_gradients_the_eager_unet_runs(unet):
