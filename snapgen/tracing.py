@@ -89,7 +89,6 @@ class TracedUNet(ShapeTraces):
 
     def __init__(self, unet: SnapGenUNet, max_traces: int = 32):
         super().__init__(_UNetCall(unet), max_traces)
-        self.unet = unet
 
     def __call__(
         self,
