@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_name, write_section
+from benchlib import cpu_name, publish, write_json
 
 from snapgen.model_dir import default_model_dir, load_pipeline
 from snapgen.models.autoencoder import load_decoder, load_encoder
@@ -194,12 +193,8 @@ def main() -> None:
         "end_to_end_eager": bench_end_to_end(model_dir, args.steps, args.repeats, trace_unet=False),
         "end_to_end_traced": bench_end_to_end(model_dir, args.steps, args.repeats, trace_unet=True),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    section = markdown(results)
-    print(section)
-    if args.out:
-        write_section(args.out, section, START, END)
+    write_json(args.json, results)
+    publish(markdown(results), args.out, START, END)
 
 
 if __name__ == "__main__":

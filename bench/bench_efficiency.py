@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from benchlib import cpu_name, write_section
+from benchlib import cpu_name, write_json, write_section
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -967,8 +967,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_section(args.out, f"{START}\n{markdown}{END}\n", START, END)
     else:
         print(markdown)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_to_json(report), indent=2) + "\n")
+    write_json(args.json, _to_json(report))
     bench.log(f"wrote {args.json}" + (f" and {args.out}" if args.out else ""), file=sys.stderr)
     return report
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from bench_efficiency import count_flops, decoder_workloads, sdxl_unet, snapgen_unet
-from benchlib import write_section
+from benchlib import publish, write_json
 
 from snapgen.model_dir import default_model_dir
 from snapgen.models.autoencoder import load_decoder
@@ -332,12 +332,8 @@ def main() -> None:
             report["server_backend_gpu"] = report["gpu"]
         report["text_encoder_weights"] = os.environ.get("SNAPGEN_BENCH_TEXT_WEIGHTS", "real")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-    section = markdown(report)
-    print(section)
-    if args.out:
-        write_section(args.out, section, START, END)
+            write_json(args.json, report)
+    publish(markdown(report), args.out, START, END)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from benchlib import write_section
+from benchlib import publish, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "server.json"
@@ -357,12 +357,8 @@ def main() -> int:
             finally:
                 procs.stop_all()
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    section = markdown(results)
-    print(section)
-    if args.out:
-        write_section(args.out, section, START, END)
+    write_json(args.json, results)
+    publish(markdown(results), args.out, START, END)
     failed = sum(r["failed"] for r in results["runs"])
     if failed:
         print(f"FAILED: {failed} request(s) got neither 200 nor 429", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the CPU's name and writing a results section into a markdown file.
+"""What the benchmark scripts share: the CPU's name, writing raw results (JSON) and a results section
+into a markdown file.
 
 The scripts run as ``python bench/NAME.py``, so this directory is on ``sys.path`` and they import it
 as ``benchlib``.
@@ -6,6 +7,7 @@ as ``benchlib``.
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 from pathlib import Path
@@ -34,3 +36,16 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + section
     write_file_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, data) -> None:
+    """The raw results as indented JSON, replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def publish(section: str, out: Path | None, start: str, end: str) -> None:
+    """Print the markdown section, and put it into ``out`` between its markers when given."""
+    print(section)
+    if out:
+        write_section(out, section, start, end)
