@@ -88,7 +88,16 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; null = no clipping
     warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0
     schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine and cool-down end at lr * min_lr_ratio
+    # Constant schedule only: the last cooldown_steps decay linearly to lr * min_lr_ratio
+    # (warm-up / stable / decay), so a constant-lr run can be extended on --resume and cooled last.
+    cooldown_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.cooldown_steps and self.schedule != "constant":
+            raise ValueError("optim.cooldown_steps needs schedule: constant (cosine already decays)")
+        return self
 
 
 class EMAConfig(_Strict):
@@ -143,6 +152,8 @@ RESUMABLE_KEYS = frozenset(
 def training_identity(config: TrainConfig) -> dict[str, Any]:
     """The part of the config that defines the training trajectory."""
     data = config.model_dump(mode="json")
+    # Like max_steps, where the lr cools down is decided when a run is extended.
+    data["optim"].pop("cooldown_steps")
     return {k: v for k, v in data.items() if k not in RESUMABLE_KEYS}
 
 

@@ -49,11 +49,16 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to 1, then constant or cosine down to ``min_lr_ratio``."""
+    """Linear warm-up to 1, then constant (with an optional linear cool-down over the last
+    ``cooldown_steps``) or cosine, down to ``min_lr_ratio``."""
     optim = config.optim
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
+        cooldown_start = config.max_steps - optim.cooldown_steps
+        if optim.cooldown_steps and step >= cooldown_start:
+            progress = (step - cooldown_start + 1) / optim.cooldown_steps
+            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * (1 - progress)
         return 1.0
     progress = min(1.0, (step - optim.warmup_steps) / max(1, config.max_steps - optim.warmup_steps))
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -143,7 +148,8 @@ class Trainer:
             raise ConfigError(
                 f"--resume: {found} was written by a different config; changed keys:\n  "
                 + "\n  ".join(changed or ["(unknown: the checkpoint has no config)"])
-                + "\nonly out_dir, max_steps, log/ckpt/sample intervals, num_workers and device may change on resume"
+                + "\nonly out_dir, max_steps, optim.cooldown_steps, log/ckpt/sample intervals, num_workers and device "
+                "may change on resume"
             )
         return found
 

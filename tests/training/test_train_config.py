@@ -82,3 +82,20 @@ def test_resolution_schedule():
     config = parse_config({**micro_dict("pretrain", "/tmp"), "data": data}).data
     assert [config.resolution_at(s) for s in (0, 14, 15, 100)] == [32, 32, 64, 64]
     assert config.resolutions() == [32, 64]
+
+
+def test_lr_schedule_warmup_stable_cooldown(tmp_path):
+    from training.loop import lr_factor
+
+    optim = {"lr": 1e-3, "warmup_steps": 10, "cooldown_steps": 20, "min_lr_ratio": 0.0}
+    config = parse_config({**micro_dict("pretrain", tmp_path), "max_steps": 100, "optim": optim})
+    factors = [lr_factor(step, config) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert set(factors[10:80]) == {1.0}
+    assert factors[79] > factors[80] > factors[90] > factors[99]  # linear, strictly down
+    assert factors[99] == pytest.approx(0.0) and factors[89] == pytest.approx(0.5)
+    # The cool-down follows max_steps, so extending a run (--max-steps on --resume) moves it.
+    longer = config.model_copy(update={"max_steps": 200})
+    assert lr_factor(99, longer) == 1.0
+    with pytest.raises(ConfigError, match="cooldown_steps needs schedule: constant"):
+        parse_config({**micro_dict("pretrain", tmp_path), "optim": {**optim, "schedule": "cosine"}})

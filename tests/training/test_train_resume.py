@@ -61,8 +61,9 @@ def test_resume_refuses_another_config_and_fresh_runs_refuse_old_checkpoints(str
         Trainer(changed, resume=True)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         Trainer(straight.config)
-    # What may change on resume: run length, intervals, workers, device.
-    longer = straight.config.model_copy(update={"max_steps": 40, "log_every": 3})
+    # What may change on resume: run length (and where its lr cools down), intervals, workers, device.
+    cooled = straight.config.optim.model_copy(update={"cooldown_steps": 10})
+    longer = straight.config.model_copy(update={"max_steps": 40, "log_every": 3, "optim": cooled})
     assert Trainer(longer, resume=True).step == 30
 
 
