@@ -18,6 +18,8 @@ ROWS = [  # report (relative to the eval folder), what it is, the decoder its pi
     ("ladd4", "**LADD student of the 6000-step parent: the default**", "tiny v2"),
     ("ladd8", "LADD student of the 6000-step parent", "tiny v2"),
     ("pretrain4-cooldown", "student, no KD, 6000 steps + 500 with the lr cooled down (not adopted)", "tiny v2"),
+    ("pretrain-sa8", "trial: student, no KD, 2000 steps, self-attention at 8x8 too", "tiny v2"),
+    ("pretrain4-sa8", "trial: student, no KD, 2000 steps, self-attention at 8x8 too (not step-distilled)", "tiny v2"),
     # Session 4's runs (the 4000-step parent and its LADD student, then the default).
     ("session4/pretrain", "session 4: student, no KD, 4000 steps", "tiny v2"),
     ("session4/pretrain4", "session 4: student, no KD, 4000 steps (not step-distilled)", "tiny v2"),
