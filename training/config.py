@@ -142,19 +142,25 @@ class TrainConfig(_Strict):
         return stage
 
 
-# Keys that may change between a run and its resumption without changing what is trained.
+# Keys (dotted for nested ones) that may change between a run and its resumption without changing
+# what is trained so far: like max_steps, where the lr cools down is decided when a run is extended.
 RESUMABLE_KEYS = frozenset(
-    {"out_dir", "max_steps", "log_every", "ckpt_every", "sample_every", "keep_checkpoints", "num_workers", "device",
-     "tensorboard", "cpu_threads", "latent_cache_dir"}
+    {"out_dir", "max_steps", "optim.cooldown_steps", "log_every", "ckpt_every", "sample_every", "keep_checkpoints",
+     "num_workers", "device", "tensorboard", "cpu_threads", "latent_cache_dir"}
 )
 
 
 def training_identity(config: TrainConfig) -> dict[str, Any]:
     """The part of the config that defines the training trajectory."""
-    data = config.model_dump(mode="json")
-    # Like max_steps, where the lr cools down is decided when a run is extended.
-    data["optim"].pop("cooldown_steps")
-    return {k: v for k, v in data.items() if k not in RESUMABLE_KEYS}
+
+    def without_resumable(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        return {
+            k: without_resumable(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in data.items()
+            if f"{prefix}{k}" not in RESUMABLE_KEYS
+        }
+
+    return without_resumable(config.model_dump(mode="json"))
 
 
 def config_hash(config: TrainConfig) -> str:

@@ -34,7 +34,15 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import ConfigError, TrainConfig, config_diff, config_hash, parse_stage_options, training_identity
+from .config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    config_diff,
+    config_hash,
+    parse_stage_options,
+    training_identity,
+)
 from .data import build_dataset, make_loader
 from .logger import LOSS_CURVE, RunLogger, plot_losses
 from .stages import stage_class
@@ -148,8 +156,7 @@ class Trainer:
             raise ConfigError(
                 f"--resume: {found} was written by a different config; changed keys:\n  "
                 + "\n  ".join(changed or ["(unknown: the checkpoint has no config)"])
-                + "\nonly out_dir, max_steps, optim.cooldown_steps, log/ckpt/sample intervals, num_workers and device "
-                "may change on resume"
+                + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
             )
         return found
 
