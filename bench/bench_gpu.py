@@ -328,8 +328,6 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run this on a GPU machine, or pass --render JSON")
         report = run(args)
-        if "server_backend" in report:
-            report["server_backend_gpu"] = report["gpu"]
         report["text_encoder_weights"] = os.environ.get("SNAPGEN_BENCH_TEXT_WEIGHTS", "real")
         if args.json:
             write_json(args.json, report)
