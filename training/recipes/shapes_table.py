@@ -1,6 +1,9 @@
-"""The ShapesBench table of docs/results.md from the reports of ``shapes_eval.sh``.
+"""The ShapesBench tables of docs/results.md from the reports of ``shapes_eval.sh``.
 
     .venv/bin/python training/recipes/shapes_table.py runs/shapes/eval
+
+Two tables: the recipe's products (and the earlier sessions' runs they replaced), then the
+trials: runs outside the recipe, each one change against a recipe run at equal steps.
 """
 
 from __future__ import annotations
@@ -17,9 +20,6 @@ ROWS = [  # report (relative to the eval folder), what it is, the decoder its pi
     ("pretrain4", "student, no KD, 6000 steps (not step-distilled)", "tiny v2"),
     ("ladd4", "**LADD student of the 6000-step parent: the default**", "tiny v2"),
     ("ladd8", "LADD student of the 6000-step parent", "tiny v2"),
-    ("pretrain4-cooldown", "student, no KD, 6000 steps + 500 with the lr cooled down (not adopted)", "tiny v2"),
-    ("pretrain-sa8", "trial: student, no KD, 2000 steps, self-attention at 8x8 too", "tiny v2"),
-    ("pretrain4-sa8", "trial: student, no KD, 2000 steps, self-attention at 8x8 too (not step-distilled)", "tiny v2"),
     # Session 4's runs (the 4000-step parent and its LADD student, then the default).
     ("session4/pretrain", "session 4: student, no KD, 4000 steps", "tiny v2"),
     ("session4/pretrain4", "session 4: student, no KD, 4000 steps (not step-distilled)", "tiny v2"),
@@ -36,16 +36,26 @@ ROWS = [  # report (relative to the eval folder), what it is, the decoder its pi
     ("session3/ladd8", "session 3: LADD student of the KD student", "tiny v1"),
     ("session3/ladd4-dec2", "session 3: LADD student of the KD student (then the default)", "tiny v2"),
 ]
+TRIALS = [  # runs outside the recipe, one change each; docs/results.md names the recipe row to compare with
+    ("pretrain4-cooldown", "no KD, 6000 steps + 500 with the lr cooled down", "tiny v2"),
+    ("pretrain-sa8", "no KD, 2000 steps, self-attention at 8x8 too", "tiny v2"),
+    ("pretrain4-sa8", "no KD, 2000 steps, self-attention at 8x8 too (not step-distilled)", "tiny v2"),
+    ("pretrain-td0", "no KD, 2000 steps, no transformer at 16x16", "tiny v2"),
+    ("pretrain4-td0", "no KD, 2000 steps, no transformer at 16x16 (not step-distilled)", "tiny v2"),
+    ("pretrain-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px", "tiny v2"),
+    ("pretrain4-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px (not step-distilled)", "tiny v2"),
+    ("ladd4-udisc", "LADD of the 6000-step parent, the parent as discriminator backbone, disc_lr 5e-4", "tiny v2"),
+]
 CATEGORIES = ("single", "two", "count", "position")
 
 
-def table(folder: Path) -> str:
+def table(folder: Path, rows: list[tuple[str, str, str]] = ROWS) -> str:
     lines = [
         "| model | decoder | steps | guidance | " + " | ".join(CATEGORIES)
         + " | **overall** | held-out | eval s/image (batch 50, 1 thread, shared CPU) |",
         "|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|",
     ]
-    for name, label, decoder in ROWS:
+    for name, label, decoder in rows:
         path = folder / f"{name}.json"
         if not path.is_file():
             continue
@@ -60,4 +70,5 @@ def table(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/shapes/eval")))
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/shapes/eval")
+    print(table(folder), "", "Trials:", "", table(folder, TRIALS), sep="\n")
