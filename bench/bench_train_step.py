@@ -2,18 +2,18 @@
 a recipe's compute (progressive resolution, a cheaper block layout) before spending it.
 
 Each variant is a named U-Net config with optional overrides, trained at a latent size: random
-weights and inputs, forward + backward of the flow loss's shape + AdamW step, batch ``--batch``,
-text context of MiniLM's width and length. The variants' steps are interleaved (one of each per
-round) so that a shared machine's drift hits them alike; the report gives the median step and
-its ratio to the first variant. Usage::
+weights and inputs; forward, a mean-squared error against the latents, backward and an AdamW
+step, at batch ``--batch`` with ``--text-tokens`` of context (MiniLM's 32 by default). The
+variants' steps are interleaved (one of each per round) so that a shared machine's drift hits
+them alike; the report gives the median step and its ratio to the first variant. Usage::
 
     .venv/bin/python bench/bench_train_step.py --threads 1 --out docs/results.md \\
         --variant "128 px=snapgen-shapes@16" \\
         --variant "64 px=snapgen-shapes@8" \\
         --variant "no 16x16 transformer=snapgen-shapes@16:transformer_depth=0,1,2"
 
-A variant is ``LABEL=CONFIG@LATENT_SIZE[:KEY=VALUE[;KEY=VALUE...]]``; a value with commas is a
-tuple of ints.
+A variant is ``LABEL=CONFIG@LATENT_SIZE[:KEY=VALUE[;KEY=VALUE...]]``; a value is an int, a float,
+true/false, or a comma-separated tuple of those.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ from snapgen.models.configs import build_unet, unet_config
 START, END = "<!-- bench_train_step:start -->", "<!-- bench_train_step:end -->"
 
 
+def parse_value(text: str):
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # raises ValueError, naming the text, for anything else
+
+
 def parse_variant(text: str) -> tuple[str, dict, int]:
     try:
         label, spec = text.split("=", 1)
@@ -43,7 +54,7 @@ def parse_variant(text: str) -> tuple[str, dict, int]:
             key, value = item.split("=", 1)
             if key not in config:
                 raise ValueError(f"{name} has no option {key!r}")
-            config[key] = tuple(int(v) for v in value.split(",")) if "," in value else type(config[key])(value)
+            config[key] = parse_value(value)
         return label.strip(), config, int(size)
     except ValueError as e:
         raise SystemExit(f"bad --variant {text!r}: {e} (expected LABEL=CONFIG@LATENT_SIZE[:KEY=VALUE;...])") from None

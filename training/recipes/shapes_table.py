@@ -3,7 +3,7 @@
     .venv/bin/python training/recipes/shapes_table.py runs/shapes/eval
 
 Two tables: the recipe's products (and the earlier sessions' runs they replaced), then the
-trials: runs outside the recipe, each one change against a recipe run at equal steps.
+trials: runs outside the recipe, each one change against a recipe run at equal steps or compute.
 """
 
 from __future__ import annotations
