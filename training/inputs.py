@@ -176,7 +176,8 @@ class FlowInputs:
                             generator=torch.Generator())
         with torch.no_grad():
             for batch in tqdm(loader, desc=f"caching latents at {resolution}px", disable=not progress, leave=False):
-                latents.append(self.encode_pixels(batch["pixels"]))
+                # On the CPU: the training loader's worker processes index this cache and cannot touch CUDA.
+                latents.append(self.encode_pixels(batch["pixels"]).cpu())
                 captions += batch["captions"]
                 if "labels" in batch:
                     labels += batch["labels"].tolist()
