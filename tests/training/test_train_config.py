@@ -99,3 +99,17 @@ def test_lr_schedule_warmup_stable_cooldown(tmp_path):
     assert lr_factor(99, longer) == 1.0
     with pytest.raises(ConfigError, match="cooldown_steps needs schedule: constant"):
         parse_config({**micro_dict("pretrain", tmp_path), "optim": {**optim, "schedule": "cosine"}})
+
+
+def test_text_encoder_specs():
+    from training.inputs import build_text_encoder
+
+    assert build_text_encoder("minilm:layers=0,6").token_dim == 768
+    for bad, message in [
+        ("minilm:layers=a,b", "write minilm:layers=I,J"),
+        ("minilm:depth=2", "write minilm:layers=I,J"),
+        ("minilm:layers=9", "hidden-state indices 0..6"),
+        ("no/such/dir", "neither 'minilm' nor a saved text-encoder directory"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build_text_encoder(bad)
