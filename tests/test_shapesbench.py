@@ -30,6 +30,7 @@ from training.shapesbench import (
     scene_at,
     scene_for_prompt,
 )
+from training.shapesbench.evaluation import OPPOSITE
 from training.shapesbench.robustness import DEGRADATIONS
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -320,8 +321,8 @@ class OraclePipeline:
     class sampler:
         default_steps, guidance_scale = 4, 1.0
 
-    def __init__(self, wrong=False):
-        self.wrong, self.calls = wrong, []
+    def __init__(self, wrong=False, swap_relations=False):
+        self.wrong, self.swap_relations, self.calls = wrong, swap_relations, []
 
     def validate(self, prompts, steps, guidance_scale, height, width, seeds):
         assert (height, width) == (128, 128)
@@ -330,6 +331,11 @@ class OraclePipeline:
         self.calls.append((list(prompts), list(seeds), steps, guidance_scale))
         images = []
         for prompt, seed in zip(prompts, seeds):
+            if self.swap_relations:  # the right objects on the right axis, in the wrong order
+                for relation, opposite in OPPOSITE.items():
+                    if f" {relation} " in prompt:
+                        prompt = prompt.replace(f" {relation} ", f" {opposite} ")
+                        break
             scene = scene_for_prompt(np.random.default_rng(seed), prompt)
             images.append(render_scene(with_objects(scene, scene.objects[:-1]) if self.wrong else scene))
         return type("Output", (), {"images": images})
@@ -348,8 +354,13 @@ def test_evaluate_scores_an_oracle_perfectly_and_a_wrong_model_at_zero():
     assert seen == list(range(30)) and [len(c[0]) for c in oracle.calls] == [10, 10, 10]
     assert oracle.calls[1][1] == list(range(17, 27)) and oracle.calls[0][2:] == (2, 1.0)
     json.dumps(report)  # JSON-ready
+    assert report["relations"] == {"position_prompts": 6, "pairs": 6, "asked": 6, "opposite": 0}
     wrong = evaluate(OraclePipeline(wrong=True), n=24, steps=2, seed=7, progress=False)
     assert wrong["overall"] == 0.0 and wrong["held_out"]["overall"] == 0.0
+    assert wrong["relations"] == {"position_prompts": 6, "pairs": 0, "asked": 0, "opposite": 0}
+    swapped = evaluate(OraclePipeline(swap_relations=True), n=24, steps=2, seed=7, progress=False)
+    assert swapped["accuracy"]["position"] == 0.0 and swapped["accuracy"]["two"] == 1.0
+    assert swapped["relations"] == {"position_prompts": 6, "pairs": 6, "asked": 0, "opposite": 6}
 
 
 def test_cli_render_writes_pictures_captions_and_metadata(tmp_path, capsys):

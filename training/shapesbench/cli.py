@@ -232,4 +232,8 @@ def cmd_eval_shapes(args) -> None:
 
     parts = ", ".join(f"{c} {pct(a)}" for c, a in report["accuracy"].items())
     print(f"ShapesBench overall {pct(report['overall'])} ({parts}); held-out {pct(report['held_out']['overall'])}")
+    rel = report["relations"]
+    if rel["position_prompts"]:
+        print(f"position: each object drawn once in {rel['pairs']} of {rel['position_prompts']}; of those, "
+              f"{rel['asked']} in the asked relation, {rel['opposite']} in its opposite")
     print(f"wrote {out}" + (f" and {grid_path}" if cells else ""))

@@ -12,9 +12,12 @@ from PIL import Image, ImageDraw, ImageFont
 from . import judging as judge_module
 from .judging import judge
 from .render import sample_prompt
-from .spec import CATEGORIES, IMAGE_SIZE, SPEC_VERSION
+from .spec import CATEGORIES, IMAGE_SIZE, SPEC_VERSION, parse_prompt, relation_holds
 
 MAX_SEED = 2**32 - 1
+OPPOSITE = {
+    "to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"
+}
 
 
 def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = None) -> list[dict]:
@@ -48,6 +51,29 @@ def _summary(records: list[dict]) -> dict:
     present = [a for a in accuracy.values() if a is not None]
     overall = sum(present) / len(present) if present else None
     return {"accuracy": accuracy, "overall": overall, "counts": counts}
+
+
+def relation_breakdown(records: list[dict]) -> dict:
+    """Why position prompts fail: of the ``position`` records where each named object was detected
+    exactly once (``pairs``), how many have the asked relation (``asked``), how many its opposite
+    (``opposite``: the right axis, the objects swapped); the rest sit off both (diagonal)."""
+    pairs = asked = opposite = 0
+    for r in records:
+        if r["category"] != "position":
+            continue
+        prompt = parse_prompt(r["prompt"])
+        centers = [
+            [d["center"] for d in r["details"].get("detections", []) if (d["color"], d["shape"]) == tuple(obj)]
+            for obj in prompt.objects
+        ]
+        if any(len(c) != 1 for c in centers):
+            continue
+        a, b = centers[0][0], centers[1][0]
+        pairs += 1
+        asked += relation_holds(prompt.relation, a, b)
+        opposite += relation_holds(OPPOSITE[prompt.relation], a, b)
+    return {"position_prompts": sum(r["category"] == "position" for r in records), "pairs": pairs,
+            "asked": asked, "opposite": opposite}
 
 
 def evaluate(
@@ -120,6 +146,7 @@ def evaluate(
         "n_held_out": len(records) - n,
         **main,
         "held_out": held,
+        "relations": relation_breakdown([r for r in records if not r["held_out"]]),
         "judge": {
             "max_angle_deg": judge_module.MAX_ANGLE_DEG,
             "min_alpha": judge_module.MIN_ALPHA,
