@@ -7,13 +7,17 @@
 #   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
 #   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
 #   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
+#   PRODUCT=runs/shapes/ladd-prog/model STAGES=ship bash training/recipes/shapes.sh  # ship another run
 #
-# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the student without KD);
-# teacher + decoder -> kd; pretrain + teacher -> ladd. LADD starts from the student *without* KD:
-# with this teacher KD made the student worse (docs/results.md), so the longer-trained no-KD
-# student is the better parent; the MMDiT teacher stays LADD's discriminator backbone. With
-# PARALLEL=1 (the default) two lanes run side by side, one core each (cpu_threads: 1), then LADD:
-#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd
+# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain-128 and pretrain (students
+# without KD); teacher + decoder -> kd; pretrain + teacher -> ladd. The KD comparison is kd vs
+# pretrain-128: 2000 steps each at 128 px, where the teacher was trained. LADD's parent is
+# pretrain, trained progressively (64 then 128 px): better per CPU-hour, and the only run that
+# learned which way round a spatial relation goes (docs/results.md). LADD starts from a student
+# *without* KD: with this teacher KD made the student worse; the MMDiT teacher stays LADD's
+# discriminator backbone. With PARALLEL=1 (the default) two lanes run side by side, one core
+# each (cpu_threads: 1), then LADD:
+#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> pretrain-128
 #   then: ladd
 # Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
 # Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
@@ -21,49 +25,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd ship}"
+STAGES="${STAGES:-autoencoder decoder teacher pretrain kd pretrain-128 ladd ship}"
 PARALLEL="${PARALLEL:-1}"
 mkdir -p runs/shapes
 
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-run_stage() {
-    local stage=$1 config="configs/shapes/$1.yaml" out="runs/shapes/$1"
+run_stage() {  # NAME [STAGE]: configs/shapes/NAME.yaml -> runs/shapes/NAME, trained as STAGE (default NAME)
+    local name=$1 stage=${2:-$1} config="configs/shapes/$1.yaml" out="runs/shapes/$1"
     local extra=()
     [ -n "${MAX_STEPS:-}" ] && extra=(--max-steps "$MAX_STEPS")
     if [ -f "${out}/DONE" ] && [ -z "${MAX_STEPS:-}" ]; then
-        echo "== ${stage}: done already (${out}/DONE)"
+        echo "== ${name}: done already (${out}/DONE)"
         return
     fi
-    echo "== ${stage}: start $(date -u +%FT%TZ)"
+    echo "== ${name}: start $(date -u +%FT%TZ)"
     local start resume=()
     start=$(date +%s)
     [ -d "${out}/checkpoints" ] && resume=(--resume)
-    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" "${extra[@]}" >> "runs/shapes/${stage}.log" 2>&1
+    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" "${extra[@]}" >> "runs/shapes/${name}.log" 2>&1
     local took=$(( $(date +%s) - start ))
     local before=0
     [ -f "${out}/DONE" ] && before=$(cut -d' ' -f1 "${out}/DONE")
     echo "$(( before + took )) s" > "${out}/DONE"
-    echo "== ${stage}: done $(date -u +%FT%TZ) (${took} s this run)"
-}
-
-run_pretrain() {
-    # Two legs of one run: to 2000 steps, the model the KD student (2000 steps, kd.yaml) is compared
-    # with at equal steps, kept as model-2000steps (wall time in DONE-2000steps); then on to
-    # pretrain.yaml's max_steps, LADD's parent (wall time of this leg in DONE).
-    local out=runs/shapes/pretrain
-    if [ ! -d "${out}/model-2000steps" ]; then
-        MAX_STEPS=2000 run_stage pretrain
-        cp -r "${out}/model" "${out}/model-2000steps"
-        mv "${out}/DONE" "${out}/DONE-2000steps"
-    fi
-    run_stage pretrain
+    echo "== ${name}: done $(date -u +%FT%TZ) (${took} s this run)"
 }
 
 run_chain() {
     for stage in "$@"; do
         if ! wanted "$stage"; then continue; fi
-        if [ "$stage" = pretrain ]; then run_pretrain; else run_stage "$stage"; fi
+        if [ "$stage" = pretrain-128 ]; then run_stage pretrain-128 pretrain; else run_stage "$stage"; fi
     done
     return 0
 }
@@ -84,14 +75,15 @@ if [ "$PARALLEL" = 1 ]; then
         { wanted decoder || [ -f runs/shapes/decoder/DONE ]; } && wait_for decoder "$lane"
         run_chain kd
     fi
+    run_chain pretrain-128
     wait "$lane"
     run_chain ladd
 else
-    run_chain decoder teacher pretrain kd ladd
+    run_chain decoder teacher pretrain kd pretrain-128 ladd
 fi
 
 if wanted ship; then
-    product=runs/shapes/ladd/model assets=snapgen/assets/snapgen-shapes
+    product=${PRODUCT:-runs/shapes/ladd/model} assets=snapgen/assets/snapgen-shapes
     [ -f "${product}/model_index.json" ] || { echo "== ship: no LADD product at ${product}" >&2; exit 1; }
     # Copied beside the target and swapped in, so an interrupted copy never leaves half a model.
     rm -rf "${assets}.new" "${assets}.old"

@@ -14,12 +14,17 @@ from pathlib import Path
 
 ROWS = [  # report (relative to the eval folder), what it is, the decoder its pictures came from
     ("teacher", "teacher (SD3 MMDiT)", "full"),
-    ("pretrain-2k", "student, no KD, 2000 steps", "tiny v2"),
-    ("kd", "student, multi-level KD, 2000 steps", "tiny v2"),
-    ("pretrain", "student, no KD, 6000 steps", "tiny v2"),
-    ("pretrain4", "student, no KD, 6000 steps (not step-distilled)", "tiny v2"),
-    ("ladd4", "**LADD student of the 6000-step parent: the default**", "tiny v2"),
-    ("ladd8", "LADD student of the 6000-step parent", "tiny v2"),
+    ("pretrain-2k", "student, no KD, 2000 steps at 128 px (pretrain-128)", "tiny v2"),
+    ("kd", "student, multi-level KD, 2000 steps at 128 px", "tiny v2"),
+    ("pretrain-prog8k", "student, no KD, 3000 steps at 64 px + 5000 at 128 px (pretrain)", "tiny v2"),
+    ("pretrain4-prog8k", "student, no KD, 3000 at 64 px + 5000 at 128 px (not step-distilled)", "tiny v2"),
+    ("ladd4-prog", "**LADD student of the progressive parent: the default**", "tiny v2"),
+    ("ladd8-prog", "LADD student of the progressive parent", "tiny v2"),
+    # Session 5's runs (128 px only: the 6000-step parent and its LADD student, then the default).
+    ("pretrain", "session 5: student, no KD, 6000 steps at 128 px", "tiny v2"),
+    ("pretrain4", "session 5: student, no KD, 6000 steps at 128 px (not step-distilled)", "tiny v2"),
+    ("ladd4", "session 5: LADD student of the 6000-step parent (then the default)", "tiny v2"),
+    ("ladd8", "session 5: LADD student of the 6000-step parent", "tiny v2"),
     # Session 4's runs (the 4000-step parent and its LADD student, then the default).
     ("session4/pretrain", "session 4: student, no KD, 4000 steps", "tiny v2"),
     ("session4/pretrain4", "session 4: student, no KD, 4000 steps (not step-distilled)", "tiny v2"),
