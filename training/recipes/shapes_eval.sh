@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 
 P=runs/shapes/pretrain
 declare -A MODEL=(
-    [teacher]=runs/shapes/teacher/teacher [pretrain-2k]=$P/model-2000steps [kd]=runs/shapes/kd/model
+    [teacher]=runs/shapes/teacher/teacher [pretrain-2k]=runs/shapes/pretrain-128/model [kd]=runs/shapes/kd/model
     [pretrain]=$P/model [pretrain4]=$P/model [ladd4]=runs/shapes/ladd/model [ladd8]=runs/shapes/ladd/model
 )
 # The teacher and the 28-step students sample with guidance 3 (their exported default), pretrain4
