@@ -30,8 +30,8 @@ from training.shapesbench import (
     scene_at,
     scene_for_prompt,
 )
-from training.shapesbench.evaluation import OPPOSITE
 from training.shapesbench.robustness import DEGRADATIONS
+from training.shapesbench.spec import OPPOSITE
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@
 #   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
 #   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
 #   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
-#   PRODUCT=runs/shapes/ladd-prog/model STAGES=ship bash training/recipes/shapes.sh  # ship another run
+#   PRODUCT=runs/shapes/ladd-s5/model STAGES=ship bash training/recipes/shapes.sh  # ship another run
 #
 # Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain-128 and pretrain (students
 # without KD); teacher + decoder -> kd; pretrain + teacher -> ladd. The KD comparison is kd vs
@@ -19,7 +19,7 @@
 # each (cpu_threads: 1), then LADD:
 #   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> pretrain-128
 #   then: ladd
-# Wall time of each stage goes to runs/shapes/STAGE/DONE; logs to runs/shapes/STAGE.log.
+# Wall time of each stage goes to runs/shapes/NAME/DONE; logs to runs/shapes/NAME.log.
 # Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
 # product: the 4-step student with the tiny decoder.
 set -euo pipefail

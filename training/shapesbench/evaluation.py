@@ -12,12 +12,9 @@ from PIL import Image, ImageDraw, ImageFont
 from . import judging as judge_module
 from .judging import judge
 from .render import sample_prompt
-from .spec import CATEGORIES, IMAGE_SIZE, SPEC_VERSION, parse_prompt, relation_holds
+from .spec import CATEGORIES, IMAGE_SIZE, OPPOSITE, SPEC_VERSION, parse_prompt, relation_holds
 
 MAX_SEED = 2**32 - 1
-OPPOSITE = {
-    "to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"
-}
 
 
 def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = None) -> list[dict]:

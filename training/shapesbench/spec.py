@@ -32,6 +32,7 @@ CATEGORIES = ("single", "two", "count", "position")
 COUNT_WORDS = {"two": 2, "three": 3, "four": 4}
 NUMBER_WORDS = {n: w for w, n in COUNT_WORDS.items()}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+OPPOSITE = dict(zip(RELATIONS, ("to the right of", "to the left of", "below", "above")))  # the same axis, swapped
 
 # Compositions that never appear in the training split (images or captions).
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("yellow", "square"), ("white", "circle")})
