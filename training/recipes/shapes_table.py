@@ -49,6 +49,8 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("pretrain4-td0", "no KD, 2000 steps, no transformer at 16x16 (not step-distilled)", "tiny v2"),
     ("pretrain-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px", "tiny v2"),
     ("pretrain4-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px (not step-distilled)", "tiny v2"),
+    ("pretrain-te06", "no KD, 3000 steps at 64 px + 1000 at 128 px, text tokens from MiniLM layers 0 + 6", "tiny v2"),
+    ("pretrain4-te06", "the same (not step-distilled)", "tiny v2"),
     ("ladd4-udisc", "LADD of the 6000-step parent, the parent as discriminator backbone, disc_lr 5e-4", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
