@@ -1,6 +1,7 @@
 """ShapesBench: the spec of the pictures, determinism, held-out exclusion, the prompt grammar, the
 judge (100 % on clean renders, robust to stated degradations, rejects wrong pictures) and both CLIs."""
 
+import dataclasses
 import json
 import os
 
@@ -331,11 +332,9 @@ class OraclePipeline:
         self.calls.append((list(prompts), list(seeds), steps, guidance_scale))
         images = []
         for prompt, seed in zip(prompts, seeds):
-            if self.swap_relations:  # the right objects on the right axis, in the wrong order
-                for relation, opposite in OPPOSITE.items():
-                    if f" {relation} " in prompt:
-                        prompt = prompt.replace(f" {relation} ", f" {opposite} ")
-                        break
+            parsed = parse_prompt(prompt)
+            if self.swap_relations and parsed.category == "position":  # right objects and axis, wrong order
+                prompt = format_prompt(dataclasses.replace(parsed, relation=OPPOSITE[parsed.relation]))
             scene = scene_for_prompt(np.random.default_rng(seed), prompt)
             images.append(render_scene(with_objects(scene, scene.objects[:-1]) if self.wrong else scene))
         return type("Output", (), {"images": images})

@@ -31,8 +31,9 @@ mkdir -p runs/shapes
 
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
-run_stage() {  # NAME [STAGE]: configs/shapes/NAME.yaml -> runs/shapes/NAME, trained as STAGE (default NAME)
-    local name=$1 stage=${2:-$1} config="configs/shapes/$1.yaml" out="runs/shapes/$1"
+run_stage() {  # NAME: configs/shapes/NAME.yaml -> runs/shapes/NAME, trained as the stage the config names
+    local name=$1 config="configs/shapes/$1.yaml" out="runs/shapes/$1" stage
+    stage=$(sed -n 's/^stage: *//p' "$config")
     local extra=()
     [ -n "${MAX_STEPS:-}" ] && extra=(--max-steps "$MAX_STEPS")
     if [ -f "${out}/DONE" ] && [ -z "${MAX_STEPS:-}" ]; then
@@ -52,9 +53,8 @@ run_stage() {  # NAME [STAGE]: configs/shapes/NAME.yaml -> runs/shapes/NAME, tra
 }
 
 run_chain() {
-    for stage in "$@"; do
-        if ! wanted "$stage"; then continue; fi
-        if [ "$stage" = pretrain-128 ]; then run_stage pretrain-128 pretrain; else run_stage "$stage"; fi
+    for name in "$@"; do
+        if wanted "$name"; then run_stage "$name"; fi
     done
     return 0
 }
