@@ -55,7 +55,9 @@ class TeacherAdapter(nn.Module, ABC):
 
     Attributes:
         latent_channels: channels of the latents it reads and the velocity it returns.
-        sample_size: the latent height/width it was trained at.
+        sample_size: the latent height/width it was trained at last.
+        trained_sizes: every latent size it was trained at (a progressive teacher's several);
+            ``load_teacher`` reads them from a teacher stage's ``teacher.json``.
         feature_channels: channels of ``TeacherOutput.features``.
         num_layers: how many blocks ``return_layers`` can index (negative indices count from the end).
         token_dim, pooled_dim: widths of the text embeddings it expects (pooled None if unused).
@@ -63,6 +65,7 @@ class TeacherAdapter(nn.Module, ABC):
 
     latent_channels: int
     sample_size: int
+    trained_sizes: tuple[int, ...] = ()
     feature_channels: int
     num_layers: int
     token_dim: int
@@ -239,8 +242,13 @@ def load_teacher(path: str | Path, torch_dtype: torch.dtype | None = None) -> Te
         from diffusers import SD3Transformer2DModel
 
         model = SD3Transformer2DModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype)
-        return SD3TeacherAdapter(model)
-    return UNetTeacherAdapter(SnapGenUNet.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
+        teacher = SD3TeacherAdapter(model)
+    else:
+        teacher = UNetTeacherAdapter(SnapGenUNet.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
+    info = root / "teacher.json"
+    sizes = json.loads(info.read_text()).get("trained_latent_sizes") if info.is_file() else None
+    teacher.trained_sizes = tuple(int(s) for s in sizes) if sizes else (teacher.sample_size,)
+    return teacher
 
 
 def check_teacher_compatible(
@@ -254,7 +262,8 @@ def check_teacher_compatible(
 
     The student reads ``latent_channels``-channel latents of ``latent_size`` x ``latent_size``
     and text of width ``token_dim`` (pooled ``pooled_dim``), as fed to the teacher. The latent
-    size must equal the teacher's trained ``sample_size``: an SD3 teacher would run at other
+    size must be one the teacher was trained at (``trained_sizes``, else its ``sample_size``):
+    an SD3 teacher would run at other
     sizes (it crops its position table) but its targets there are off its training
     distribution, which distillation would then copy.
     """
@@ -262,8 +271,10 @@ def check_teacher_compatible(
     problems = []
     if teacher.latent_channels != latent_channels:
         problems.append(f"latent channels: teacher {teacher.latent_channels}, student {latent_channels}")
-    if teacher.sample_size != latent_size:
-        problems.append(f"latent size: teacher trained at {teacher.sample_size}, student at {latent_size}")
+    trained = teacher.trained_sizes or (teacher.sample_size,)
+    if latent_size not in trained:
+        sizes = " and ".join(str(s) for s in trained)
+        problems.append(f"latent size: teacher trained at {sizes}, student at {latent_size}")
     patch = getattr(teacher, "patch_size", 1)
     if latent_size % patch:
         problems.append(f"latent size {latent_size} is not a multiple of the teacher's patch size {patch}")

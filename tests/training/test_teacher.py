@@ -111,6 +111,9 @@ def test_load_teacher_from_saved_directories(tmp_path):
     x, t = inputs()
     text = random_text()
     torch.testing.assert_close(sd3(x, t, text).velocity, SD3TeacherAdapter(model)(x, t, text).velocity)
+    assert sd3.trained_sizes == (16,)  # no teacher.json: the config's sample_size
+    (tmp_path / "sd3" / "teacher.json").write_text(json.dumps({"trained_latent_sizes": [8, 16]}))
+    assert load_teacher(tmp_path / "sd3").trained_sizes == (8, 16)
     assert isinstance(load_teacher(tmp_path / "unet"), UNetTeacherAdapter)
     with pytest.raises(FileNotFoundError):
         load_teacher(tmp_path / "missing")
@@ -127,6 +130,11 @@ def test_compatibility_check_names_every_mismatch():
         check_teacher_compatible(teacher, 16, 16, 384, 384)
     with pytest.raises(ValueError, match="latent size: teacher trained at 16, student at 32"):
         check_teacher_compatible(teacher, 4, 32, 384, 384)
+    progressive = SD3TeacherAdapter(tiny_sd3())
+    progressive.trained_sizes = (8, 16)  # trained at 64 px, then 128
+    check_teacher_compatible(progressive, 4, 8, 384, 384)
+    with pytest.raises(ValueError, match="latent size: teacher trained at 8 and 16, student at 32"):
+        check_teacher_compatible(progressive, 4, 32, 384, 384)
     with pytest.raises(ValueError, match="patch size 2"):
         check_teacher_compatible(SD3TeacherAdapter(tiny_sd3(sample_size=15)), 4, 15, 384, 384)
     with pytest.raises(ValueError, match="text token width"):

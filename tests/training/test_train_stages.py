@@ -101,6 +101,7 @@ def test_teacher_trains_an_sd3_mmdit_that_the_adapter_reads_alike(micro_teacher_
     torch.testing.assert_close(ours, theirs)
     info = json.loads((product / "teacher.json").read_text())
     assert info["latent_channels"] == 4 and info["latent_size"] == 8
+    assert info["trained_latent_sizes"] == [8] and teacher.trained_sizes == (8,)
 
 
 def test_teacher_product_samples_through_the_pipeline_as_the_stage_does(micro_teacher_run):

@@ -110,6 +110,7 @@ class TeacherStage(FlowStage):
                 "decoder": str(self.decoder_path.resolve()),
                 "resolution": self.config.data.resolutions()[-1],
                 "latent_size": self.final_latent_size,
+                "trained_latent_sizes": [r // self.inputs.factor for r in self.config.data.resolutions()],
                 "latent_channels": self.inputs.latent_channels,
                 "timestep_scale": 1000.0,
             }
