@@ -155,3 +155,34 @@ def test_a_unet_model_directory_can_be_the_distillation_target(ladd_parts):
     torch.testing.assert_close(target, uncond + 2.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
     # At initialisation the student is its own distillation target: the conditional velocities agree.
     torch.testing.assert_close(g["v"], cond, rtol=1e-4, atol=1e-5)
+
+
+def test_the_discriminator_and_the_distillation_target_each_read_their_own_text(ladd_parts):
+    """A student on ``minilm:layers=0,6`` (768-d tokens) distilled from its own parent, with the
+    MMDiT (trained on MiniLM's last layer, 384-d) as the discriminator: each reads what it was
+    trained on, and a mismatch is refused before training."""
+    from training.config import ConfigError
+
+    config = {**build_unet("snapgen-tiny").config, "cross_attention_dim": 768}
+    unet = build_unet({k: v for k, v in config.items() if not k.startswith("_")})
+    parent = ladd_parts / "student-te06"
+    save_model(parent, unet, SmallAutoencoder.from_pretrained(ladd_parts / "ae"),
+               MiniLMTextEncoder(max_length=16, layers=[0, 6]), SamplerConfig(default_steps=8))
+    options = dict(init_from=str(parent), distill_teacher=str(parent), text_encoder="minilm:layers=0,6",
+                   distill_guidance=2.0)
+    with pytest.raises(ConfigError, match="text token width: teacher expects 384, text encoder gives 768"):
+        ladd_stage(ladd_parts, **options)[0].check_compatible()
+    stage, config = ladd_stage(ladd_parts, teacher_text_encoder="minilm", **options)
+    stage.check_compatible()
+    from training.data import build_dataset, collate
+
+    batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
+    g = stage._generate(batch)
+    target = stage._distill_target(batch, g)
+    assert g["text"].tokens.shape[-1] == 384 and g["distill_text"].tokens.shape[-1] == 768
+    with torch.no_grad():
+        cond = stage.distill_teacher(g["x_t"], g["t"], g["distill_text"]).velocity
+        uncond = stage.distill_teacher(g["x_t"], g["t"], stage.inputs.encode_prompts(["", ""])).velocity
+    torch.testing.assert_close(target, uncond + 2.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="distill_teacher_text_encoder needs a distill_teacher"):
+        ladd_stage(ladd_parts, distill_teacher_text_encoder="minilm")

@@ -54,6 +54,9 @@ class LADDOptions(FlowOptions):
     teacher: str  # the discriminator's frozen feature extractor
     distill_teacher: str | None = None  # target of the distillation term; default: the teacher
     teacher_text_encoder: str | None = None  # see the kd stage; default: the student's embeddings
+    # What a separate distill_teacher reads; default: the student's embeddings (it is usually the
+    # student's own parent). Without a distill_teacher the teacher's text serves both.
+    distill_teacher_text_encoder: str | None = None
     student_steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)
     disc_layers: list[int] | None = None  # teacher blocks with a head; default: up to 4, evenly spaced
     disc_hidden: int = Field(64, gt=0)
@@ -75,6 +78,8 @@ class LADDOptions(FlowOptions):
     def _check(self) -> LADDOptions:
         if self.conditioning != "text":
             raise ValueError("LADD is text-conditional: the teacher reads captions")
+        if self.distill_teacher_text_encoder and not self.distill_teacher:
+            raise ValueError("distill_teacher_text_encoder needs a distill_teacher (else set teacher_text_encoder)")
         if any(n < 1 for n in self.student_steps) or len(set(self.student_steps)) != len(self.student_steps):
             raise ValueError(f"student_steps must be distinct positive step counts, got {self.student_steps}")
         self.default_steps = self.default_steps or self.student_steps[0]
@@ -98,6 +103,9 @@ class LADDStage(PretrainStage):
         self.teacher = load_teacher(o.teacher).to(device)
         self.distill_teacher = load_teacher(o.distill_teacher).to(device) if o.distill_teacher else self.teacher
         self.teacher_text = TeacherText(o.teacher_text_encoder, device)
+        self.distill_text = (
+            TeacherText(o.distill_teacher_text_encoder, device) if o.distill_teacher else self.teacher_text
+        )
         layers = o.disc_layers if o.disc_layers is not None else default_layers(self.teacher.num_layers)
         try:
             channels = {i: self.teacher.layer_channels(i) for i in layers}
@@ -122,11 +130,12 @@ class LADDStage(PretrainStage):
 
     def check_compatible(self) -> None:
         super().check_compatible()
-        token_dim, pooled_dim = self.teacher_text.dims(self.inputs)
-        teachers = [self.teacher] if self.distill_teacher is self.teacher else [self.teacher, self.distill_teacher]
+        readers = [(self.teacher, self.teacher_text)]
+        if self.distill_teacher is not self.teacher:
+            readers.append((self.distill_teacher, self.distill_text))
         try:
-            for teacher in teachers:
-                check_teacher(teacher, self, token_dim, pooled_dim)
+            for teacher, text in readers:
+                check_teacher(teacher, self, *text.dims(self.inputs))
         except ValueError as e:
             raise ConfigError(f"stage ladd: {e}") from None
 
@@ -164,6 +173,7 @@ class LADDStage(PretrainStage):
             "v": v,
             "x0_hat": predict_x0(x_t, v, t),
             "text": self.teacher_text(batch, text),
+            "distill_text": self.distill_text(batch, text),
             "t_renoise": sample_logit_normal(n, o.renoise_mean, o.renoise_std, device=x0.device),
             "eps_renoise": torch.randn_like(x0),
         }
@@ -193,12 +203,12 @@ class LADDStage(PretrainStage):
     def _distill_target(self, batch: Batch, g: dict) -> torch.Tensor:
         guidance = self.options.distill_guidance
         if guidance == 1.0:
-            return self.distill_teacher(g["x_t"], g["t"], g["text"]).velocity
+            return self.distill_teacher(g["x_t"], g["t"], g["distill_text"]).velocity
         n = g["x_t"].shape[0]
         empty = dict(batch, captions=[""] * n)
-        uncond = self.teacher_text(empty, self.inputs.encode_prompts([""] * n))
+        uncond = self.distill_text(empty, self.inputs.encode_prompts([""] * n))
         both = self.distill_teacher(
-            torch.cat([g["x_t"], g["x_t"]]), torch.cat([g["t"], g["t"]]), concat_text(g["text"], uncond)
+            torch.cat([g["x_t"], g["x_t"]]), torch.cat([g["t"], g["t"]]), concat_text(g["distill_text"], uncond)
         ).velocity
         cond, uncond_v = both.chunk(2)
         return uncond_v + guidance * (cond - uncond_v)
