@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -122,6 +122,9 @@ class TrainConfig(_Strict):
     ckpt_every: int = Field(500, gt=0)
     sample_every: int = Field(0, ge=0)  # 0: evaluate (sample grids, PSNR) at the end only
     keep_checkpoints: int = Field(2, ge=1)
+    # Steps at which the product is also exported as a snapshot (``model-4000steps/`` beside the
+    # final ``model/``): a baseline compared at fewer steps on the way to a longer run.
+    export_at: list[PositiveInt] = Field(default_factory=list)
     num_workers: int = Field(0, ge=0)
     # CPU threads for this process (torch.set_num_threads); null: torch's default. On a shared
     # or oversubscribed CPU, 1 avoids OpenMP's spin-waiting (measured up to 30x cheaper here).
@@ -146,7 +149,7 @@ class TrainConfig(_Strict):
 # what is trained so far: like max_steps, where the lr cools down is decided when a run is extended.
 RESUMABLE_KEYS = frozenset(
     {"out_dir", "max_steps", "optim.cooldown_steps", "log_every", "ckpt_every", "sample_every", "keep_checkpoints",
-     "num_workers", "device", "tensorboard", "cpu_threads", "latent_cache_dir"}
+     "export_at", "num_workers", "device", "tensorboard", "cpu_threads", "latent_cache_dir"}
 )
 
 

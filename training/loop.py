@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -287,6 +289,16 @@ class Trainer:
         if values and logger is not None:
             logger.log(self.step, {f"eval/{k}": v for k, v in values.items()})
 
+    def export_snapshot(self) -> Path:
+        """The product as of this step, at ``out_dir/<product>-<step>steps`` (replacing an older one)."""
+        with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=".snapshot-") as tmp:
+            product = self.stage.export(Path(tmp))
+            target = self.out_dir / f"{product.name}-{self.step}steps"
+            shutil.rmtree(target, ignore_errors=True)
+            product.rename(target)
+        self._set_train()
+        return target
+
     def run(self) -> Path | None:
         """Train to ``max_steps``, then export; returns the exported product's path (rank 0)."""
         cfg, main = self.config, self.dist.is_main
@@ -332,6 +344,8 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
                     last_ckpt = self.step
+                if main and self.step in cfg.export_at:
+                    self.export_snapshot()
         if last_ckpt != self.step:
             self.save_checkpoint()
         if last_eval != self.step:

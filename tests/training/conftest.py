@@ -51,10 +51,11 @@ def micro_teacher(micro_teacher_run) -> Path:
 
 @pytest.fixture(scope="session")
 def micro_pretrain_run(micro_root, micro_autoencoder):
-    """(trainer, loss before, loss after, product) of the pretrain micro run (30 steps, uninterrupted)."""
+    """(trainer, loss before, loss after, product) of the pretrain micro run (30 steps, uninterrupted;
+    a snapshot of the product exported at step 20)."""
     from training.loop import Trainer
 
-    trainer = Trainer(micro_config("pretrain", micro_root, {"autoencoder": micro_autoencoder}))
+    trainer = Trainer(micro_config("pretrain", micro_root, {"autoencoder": micro_autoencoder}, export_at=[20]))
     before = fixed_loss(trainer)
     product = trainer.run()
     return trainer, before, fixed_loss(trainer), product

@@ -64,6 +64,11 @@ def test_pretrain_loss_goes_down_and_exports_a_loadable_model(micro_pretrain_run
     assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
     image = pipe("a red circle", seeds=0, steps=2).images[0]
     assert image.size == (64, 64)
+    # export_at: the product as of step 20 beside the final one, no temporary folder left behind.
+    snapshot = load_pipeline(product.parent / "model-20steps")
+    assert snapshot.resolutions == pipe.resolutions
+    assert not all(torch.equal(v, ema[k]) for k, v in snapshot.unet.state_dict().items())
+    assert not list(product.parent.glob(".snapshot-*"))
 
 
 def test_class_conditional_pretrain_and_init_from(micro_root, micro_autoencoder):
