@@ -9,15 +9,14 @@
 #   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
 #   PRODUCT=runs/shapes/ladd-s5/model STAGES=ship bash training/recipes/shapes.sh  # ship another run
 #
-# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain-128 and pretrain (students
-# without KD); teacher + decoder -> kd; pretrain + teacher -> ladd. The KD comparison is kd vs
-# pretrain-128: 2000 steps each at 128 px, where the teacher was trained. LADD's parent is
-# pretrain, trained progressively (64 then 128 px): better per CPU-hour, and the only run that
-# learned which way round a spatial relation goes (docs/results.md). LADD starts from a student
-# *without* KD: with this teacher KD made the student worse; the MMDiT teacher stays LADD's
-# discriminator backbone. With PARALLEL=1 (the default) two lanes run side by side, one core
-# each (cpu_threads: 1), then LADD:
-#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd -> pretrain-128
+# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the student without KD);
+# teacher + decoder -> kd; pretrain + teacher -> ladd. Every run but LADD is progressive (64 px,
+# then 128 px): better per CPU-hour, and the only way the students here learned which way round
+# a spatial relation goes (docs/results.md). The KD comparison is kd (4000 steps) against
+# pretrain's 4000-step snapshot (runs/shapes/pretrain/model-4000steps). LADD's parent is pretrain
+# (8000 steps); the MMDiT teacher is LADD's discriminator backbone. With PARALLEL=1 (the default)
+# two lanes run side by side, one core each (cpu_threads: 1), then LADD:
+#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd
 #   then: ladd
 # Wall time of each stage goes to runs/shapes/NAME/DONE; logs to runs/shapes/NAME.log.
 # Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
@@ -25,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-STAGES="${STAGES:-autoencoder decoder teacher pretrain kd pretrain-128 ladd ship}"
+STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd ship}"
 PARALLEL="${PARALLEL:-1}"
 mkdir -p runs/shapes
 
@@ -75,11 +74,10 @@ if [ "$PARALLEL" = 1 ]; then
         { wanted decoder || [ -f runs/shapes/decoder/DONE ]; } && wait_for decoder "$lane"
         run_chain kd
     fi
-    run_chain pretrain-128
     wait "$lane"
     run_chain ladd
 else
-    run_chain decoder teacher pretrain kd pretrain-128 ladd
+    run_chain decoder teacher pretrain kd ladd
 fi
 
 if wanted ship; then

@@ -11,20 +11,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-MODELS="${MODELS:-teacher pretrain-2k kd pretrain pretrain4 ladd4 ladd8}"
+MODELS="${MODELS:-teacher pretrain-4k kd pretrain pretrain4 ladd4 ladd8}"
 PARALLEL="${PARALLEL:-1}"
 OUT=runs/shapes/eval
 mkdir -p "$OUT"
 
 P=runs/shapes/pretrain
 declare -A MODEL=(
-    [teacher]=runs/shapes/teacher/teacher [pretrain-2k]=runs/shapes/pretrain-128/model [kd]=runs/shapes/kd/model
+    [teacher]=runs/shapes/teacher/teacher [pretrain-4k]=$P/model-4000steps [kd]=runs/shapes/kd/model
     [pretrain]=$P/model [pretrain4]=$P/model [ladd4]=runs/shapes/ladd/model [ladd8]=runs/shapes/ladd/model
 )
 # The teacher and the 28-step students sample with guidance 3 (their exported default), pretrain4
 # too (the parent at the default's step count, not step-distilled); the LADD students are
-# step-distilled to sample without it. pretrain-2k and kd: the KD comparison at equal steps.
-declare -A STEPS=([teacher]=28 [pretrain-2k]=28 [kd]=28 [pretrain]=28 [pretrain4]=4 [ladd4]=4 [ladd8]=8)
+# step-distilled to sample without it. pretrain-4k and kd: the KD comparison at equal steps.
+declare -A STEPS=([teacher]=28 [pretrain-4k]=28 [kd]=28 [pretrain]=28 [pretrain4]=4 [ladd4]=4 [ladd8]=8)
 
 evaluate() {
     local name=$1

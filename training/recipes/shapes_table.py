@@ -13,13 +13,22 @@ import sys
 from pathlib import Path
 
 ROWS = [  # report (relative to the eval folder), what it is, the decoder its pictures came from
-    ("teacher", "teacher (SD3 MMDiT)", "full"),
-    ("pretrain-2k", "student, no KD, 2000 steps at 128 px (pretrain-128)", "tiny v2"),
-    ("kd", "student, multi-level KD, 2000 steps at 128 px", "tiny v2"),
+    ("teacher", "teacher (SD3 MMDiT, 6000 steps at 64 px + 2000 at 128 px)", "full"),
+    ("pretrain-4k", "student, no KD, 3000 steps at 64 px + 1000 at 128 px (pretrain's snapshot)", "tiny v2"),
+    ("pretrain4-4k", "the same snapshot (not step-distilled)", "tiny v2"),
+    ("kd", "student, multi-level KD, 3000 steps at 64 px + 1000 at 128 px", "tiny v2"),
     ("pretrain", "student, no KD, 3000 steps at 64 px + 5000 at 128 px", "tiny v2"),
     ("pretrain4", "student, no KD, 3000 at 64 px + 5000 at 128 px (not step-distilled)", "tiny v2"),
-    ("ladd4", "**LADD student of the progressive parent: the default**", "tiny v2"),
-    ("ladd8", "LADD student of the progressive parent", "tiny v2"),
+    ("ladd4", "**LADD student of the no-KD parent: the default**", "tiny v2"),
+    ("ladd8", "LADD student of the no-KD parent", "tiny v2"),
+    # Session 7's runs (text tokens from MiniLM's last layer only; 128 px teacher and KD pair).
+    ("session7/teacher", "session 7: teacher, 3000 steps at 128 px", "full"),
+    ("session7/pretrain-2k", "session 7: student, no KD, 2000 steps at 128 px", "tiny v2"),
+    ("session7/kd", "session 7: student, multi-level KD, 2000 steps at 128 px", "tiny v2"),
+    ("session7/pretrain", "session 7: student, no KD, 3000 steps at 64 px + 5000 at 128 px", "tiny v2"),
+    ("session7/pretrain4", "session 7: the same (not step-distilled)", "tiny v2"),
+    ("session7/ladd4", "session 7: LADD student of that parent (then the default)", "tiny v2"),
+    ("session7/ladd8", "session 7: LADD student of that parent", "tiny v2"),
     # Session 5's runs (128 px only: the 6000-step parent and its LADD student, then the default).
     ("session5/pretrain", "session 5: student, no KD, 6000 steps at 128 px", "tiny v2"),
     ("session5/pretrain4", "session 5: student, no KD, 6000 steps at 128 px (not step-distilled)", "tiny v2"),
@@ -49,8 +58,6 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("pretrain4-td0", "no KD, 2000 steps, no transformer at 16x16 (not step-distilled)", "tiny v2"),
     ("pretrain-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px", "tiny v2"),
     ("pretrain4-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px (not step-distilled)", "tiny v2"),
-    ("pretrain-te06", "no KD, 3000 steps at 64 px + 1000 at 128 px, text tokens from MiniLM layers 0 + 6", "tiny v2"),
-    ("pretrain4-te06", "the same (not step-distilled)", "tiny v2"),
     ("ladd4-udisc", "LADD of the 6000-step parent, the parent as discriminator backbone, disc_lr 5e-4", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
