@@ -57,7 +57,8 @@ class TeacherAdapter(nn.Module, ABC):
         latent_channels: channels of the latents it reads and the velocity it returns.
         sample_size: the latent height/width it was trained at last.
         trained_sizes: every latent size it was trained at (a progressive teacher's several);
-            ``load_teacher`` reads them from a teacher stage's ``teacher.json``.
+            ``load_teacher`` reads them from a teacher stage's ``teacher.json``; default
+            ``(sample_size,)``.
         feature_channels: channels of ``TeacherOutput.features``.
         num_layers: how many blocks ``return_layers`` can index (negative indices count from the end).
         token_dim, pooled_dim: widths of the text embeddings it expects (pooled None if unused).
@@ -65,7 +66,6 @@ class TeacherAdapter(nn.Module, ABC):
 
     latent_channels: int
     sample_size: int
-    trained_sizes: tuple[int, ...] = ()
     feature_channels: int
     num_layers: int
     token_dim: int
@@ -80,6 +80,16 @@ class TeacherAdapter(nn.Module, ABC):
     def train(self, mode: bool = True):
         # A parent's .train() must not put the frozen teacher into training mode.
         return super().train(False)
+
+    _trained_sizes: tuple[int, ...] = ()
+
+    @property
+    def trained_sizes(self) -> tuple[int, ...]:
+        return self._trained_sizes or (self.sample_size,)
+
+    @trained_sizes.setter
+    def trained_sizes(self, sizes) -> None:
+        self._trained_sizes = tuple(int(s) for s in sizes)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,7 +257,8 @@ def load_teacher(path: str | Path, torch_dtype: torch.dtype | None = None) -> Te
         teacher = UNetTeacherAdapter(SnapGenUNet.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
     info = root / "teacher.json"
     sizes = json.loads(info.read_text()).get("trained_latent_sizes") if info.is_file() else None
-    teacher.trained_sizes = tuple(int(s) for s in sizes) if sizes else (teacher.sample_size,)
+    if sizes:
+        teacher.trained_sizes = sizes
     return teacher
 
 
@@ -262,8 +273,7 @@ def check_teacher_compatible(
 
     The student reads ``latent_channels``-channel latents of ``latent_size`` x ``latent_size``
     and text of width ``token_dim`` (pooled ``pooled_dim``), as fed to the teacher. The latent
-    size must be one the teacher was trained at (``trained_sizes``, else its ``sample_size``):
-    an SD3 teacher would run at other
+    size must be one the teacher was trained at (``trained_sizes``): an SD3 teacher would run at other
     sizes (it crops its position table) but its targets there are off its training
     distribution, which distillation would then copy.
     """
@@ -271,9 +281,8 @@ def check_teacher_compatible(
     problems = []
     if teacher.latent_channels != latent_channels:
         problems.append(f"latent channels: teacher {teacher.latent_channels}, student {latent_channels}")
-    trained = teacher.trained_sizes or (teacher.sample_size,)
-    if latent_size not in trained:
-        sizes = " and ".join(str(s) for s in trained)
+    if latent_size not in teacher.trained_sizes:
+        sizes = " and ".join(str(s) for s in teacher.trained_sizes)
         problems.append(f"latent size: teacher trained at {sizes}, student at {latent_size}")
     patch = getattr(teacher, "patch_size", 1)
     if latent_size % patch:

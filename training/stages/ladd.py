@@ -166,14 +166,16 @@ class LADDStage(PretrainStage):
         batch = drop_captions(batch, self.inputs, o.cfg_dropout)
         text = self.inputs.text(batch, 0.0)
         v = self.model["net"](x_t, t, text.tokens, text.mask, text.pooled).sample
+        teacher_text = self.teacher_text(batch, text)
         return {
             "x0": x0,
             "x_t": x_t,
             "t": t,
             "v": v,
             "x0_hat": predict_x0(x_t, v, t),
-            "text": self.teacher_text(batch, text),
-            "distill_text": self.distill_text(batch, text),
+            "text": teacher_text,
+            # Without a separate distill_teacher both read the same text: encode it once.
+            "distill_text": teacher_text if self.distill_text is self.teacher_text else self.distill_text(batch, text),
             "t_renoise": sample_logit_normal(n, o.renoise_mean, o.renoise_std, device=x0.device),
             "eps_renoise": torch.randn_like(x0),
         }
