@@ -7,6 +7,9 @@ Layout (diffusers-style)::
     decoder/                    # TinyDecoder | SmallAutoencoder | AutoencoderKL | AutoencoderTiny
     text_encoder/               # config.json (+ merge.safetensors for merged encoders)
     scheduler/                  # scheduler_config.json (steps, guidance, shift, distilled times)
+    autoencoder/                # optional: the autoencoder the U-Net's latents come from, when the
+                                # decoder cannot encode (a TinyDecoder): fine-tuning needs it
+
 
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
 leaves a half-written model behind.
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .models.autoencoder import load_decoder
+from .models.autoencoder import ENCODER_CLASSES, load_decoder
 from .models.unet import SnapGenUNet
 from .pipeline import SnapGenPipeline
 from .sampling import SAMPLER_CONFIG_NAME, SamplerConfig
@@ -32,6 +35,7 @@ from .text import TextEncoder, load_text_encoder, save_text_encoder
 
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("unet", "decoder", "text_encoder", "scheduler")
+AUTOENCODER = "autoencoder"  # optional component
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "snapgen-shapes"
 
 
@@ -75,6 +79,21 @@ def check_model_dir(directory: str | Path) -> Path:
 
 def read_model_index(directory: str | Path) -> dict:
     return json.loads((check_model_dir(directory) / MODEL_INDEX).read_text())
+
+
+def encoder_dir(directory: str | Path) -> Path:
+    """The folder holding the encoder of a model directory's latent space: its ``autoencoder/``,
+    or its decoder when that is a whole autoencoder. What training reads to continue from a model."""
+    directory = check_model_dir(directory)
+    for folder in (directory / AUTOENCODER, directory / "decoder"):
+        if (folder / "config.json").is_file():
+            name = json.loads((folder / "config.json").read_text()).get("_class_name")
+            if name in ENCODER_CLASSES:
+                return folder
+    raise ModelDirectoryError(
+        f"model directory {directory} has no encoder: its decoder cannot encode and it has no "
+        f"{AUTOENCODER}/ folder; give the autoencoder it was trained with"
+    )
 
 
 def _umask() -> int:
@@ -134,8 +153,10 @@ def save_model(
     sampler: SamplerConfig,
     resolutions: list[tuple[int, int]] | None = None,
     overwrite: bool = False,
+    autoencoder: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a complete model directory atomically. ``decoder_model`` is the raw ModelMixin."""
+    """Write a complete model directory atomically. ``decoder_model`` is the raw ModelMixin;
+    ``autoencoder`` (optional) the one the latents came from, kept so the model can be fine-tuned."""
     directory = Path(directory).resolve()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --force) to replace it")
@@ -143,6 +164,8 @@ def save_model(
     def fill(tmp: Path) -> None:
         save_component(unet, tmp / "unet")
         save_component(decoder_model, tmp / "decoder")
+        if autoencoder is not None:
+            save_component(autoencoder, tmp / AUTOENCODER)
         save_text_encoder(text_encoder, tmp / "text_encoder")
         sampler.save(tmp / "scheduler")
         factor = latent_factor(decoder_model)
@@ -154,6 +177,8 @@ def save_model(
             "decoder": [type(decoder_model).__module__.split(".")[0], type(decoder_model).__name__],
             "text_encoder": ["snapgen.text", type(text_encoder).__name__],
             "scheduler": ["snapgen.sampling", "SamplerConfig"],
+            **({AUTOENCODER: [type(autoencoder).__module__.split(".")[0], type(autoencoder).__name__]}
+               if autoencoder is not None else {}),
             "latent_factor": factor,
             "resolutions": [list(r) for r in (resolutions or [(native, native)])],
         }

@@ -28,7 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from snapgen.model_dir import latent_factor, weight_files, write_file_atomically
+from snapgen.model_dir import (
+    MODEL_INDEX,
+    ModelDirectoryError,
+    encoder_dir,
+    latent_factor,
+    weight_files,
+    write_file_atomically,
+)
 from snapgen.models.autoencoder import load_encoder
 from snapgen.text import MiniLMTextEncoder, TextEmbeddings, TextEncoder, load_text_encoder
 
@@ -65,6 +72,17 @@ def check_model_dir(path: str, what: str) -> Path:
     if not Path(path).is_dir() or not (Path(path) / "config.json").is_file():
         raise ConfigError(f"{what} {path}: not a saved model directory (config.json missing)")
     return Path(path)
+
+
+def latent_model_dir(path: str, what: str) -> Path:
+    """An ``autoencoder``/``decoder`` option: a saved model, or a snapgen model directory (its
+    encoder or its decoder), so a run can continue from a shipped model with nothing else."""
+    if (Path(path) / MODEL_INDEX).is_file():
+        try:
+            return encoder_dir(path) if what == "autoencoder" else check_model_dir(str(Path(path) / "decoder"), what)
+        except ModelDirectoryError as e:
+            raise ConfigError(f"{what}: {e}") from None
+    return check_model_dir(path, what)
 
 
 def concat_text(a: TextEmbeddings, b: TextEmbeddings) -> TextEmbeddings:
@@ -140,7 +158,7 @@ class FlowInputs:
         cache_max_gb: float = 2.0,
     ):
         self.device = device
-        self.autoencoder_dir = check_model_dir(autoencoder, "autoencoder")
+        self.autoencoder_dir = latent_model_dir(autoencoder, "autoencoder")
         self.encoder = load_encoder(self.autoencoder_dir).to(device)
         self.latent_channels = int(self.encoder.model.config.latent_channels)
         self.factor = latent_factor(self.encoder.model)

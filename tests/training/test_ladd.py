@@ -186,3 +186,24 @@ def test_the_discriminator_and_the_distillation_target_each_read_their_own_text(
     torch.testing.assert_close(target, uncond + 2.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="distill_teacher_text_encoder needs a distill_teacher"):
         ladd_stage(ladd_parts, distill_teacher_text_encoder="minilm")
+
+
+def test_the_parent_unet_can_be_the_discriminator_backbone(ladd_parts):
+    """As in LADD's paper, the student's own parent (a snapgen model directory) can discriminate
+    and be the distillation target at once: heads sit on its transformer blocks, and the
+    generator's adversarial gradient flows through the frozen U-Net."""
+    from training.data import build_dataset, collate
+    from training.teacher import UNetTeacherAdapter
+
+    # distill_weight 0: any gradient the generator gets comes through the discriminator.
+    stage, config = ladd_stage(ladd_parts, teacher=str(ladd_parts / "student"), distill_weight=0.0)
+    stage.check_compatible()
+    assert isinstance(stage.teacher, UNetTeacherAdapter) and stage.distill_teacher is stage.teacher
+    heads = stage.discriminator.heads
+    assert len(heads) == len(default_layers(stage.teacher.num_layers)) > 0
+    batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
+    generator = stage.trainable_modules()["generator"]
+    loss, metrics = stage.loss("generator", batch, 0)
+    loss.backward()
+    assert metrics["adv_g"] != 0 and all(p.grad is None for p in stage.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())

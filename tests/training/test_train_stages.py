@@ -91,6 +91,46 @@ def test_class_conditional_pretrain_and_init_from(micro_root, micro_autoencoder)
     assert all(torch.equal(v, saved[k]) for k, v in trainer.stage.model["net"].state_dict().items())
 
 
+def test_a_model_with_a_tiny_decoder_carries_its_encoder_and_can_be_trained_on(micro_root, micro_autoencoder):
+    """A product whose decoder cannot encode keeps the autoencoder its latents came from, so a
+    later run can continue from the model directory alone (autoencoder, decoder and init_from)."""
+    import shutil
+
+    from snapgen.model_dir import ModelDirectoryError, encoder_dir, read_model_index
+    from snapgen.models.tiny_decoder import TinyDecoder
+
+    ae = json.loads((micro_autoencoder / "config.json").read_text())
+    tiny = micro_root / "random-tiny-decoder"
+    TinyDecoder(latent_channels=4, upsample_factor=8, block_out_channels=(16, 16, 16, 16), norm_num_groups=4,
+                scaling_factor=ae["scaling_factor"], shift_factor=ae["shift_factor"]).save_pretrained(tiny)
+    config = micro_config("pretrain", micro_root, {"autoencoder": micro_autoencoder}, max_steps=2,
+                          out_dir=str(micro_root / "tiny"), stage_options={"decoder": str(tiny)})
+    product = train(config)
+    assert read_model_index(product)["autoencoder"] == ["snapgen", "SmallAutoencoder"]
+    assert encoder_dir(product) == product / "autoencoder"
+    shipped, original = load_encoder(encoder_dir(product)), load_encoder(micro_autoencoder)
+    original_weights = original.model.state_dict()
+    assert all(torch.equal(v, original_weights[k]) for k, v in shipped.model.state_dict().items())
+    assert shipped.scaling_factor == original.scaling_factor
+
+    data = micro_dict("pretrain", micro_root, out_dir=str(micro_root / "tiny-more"))
+    options = data["stage_options"]
+    del options["unet"]
+    options.update(autoencoder=str(product), decoder=str(product), init_from=str(product))
+    trainer = Trainer(parse_config(data))
+    assert trainer.stage.inputs.autoencoder_dir == product / "autoencoder"
+    assert trainer.stage.decoder_path == product / "decoder"
+
+    bare = micro_root / "tiny-without-encoder"
+    shutil.copytree(product, bare)
+    shutil.rmtree(bare / "autoencoder")
+    with pytest.raises(ModelDirectoryError, match="has no encoder"):
+        encoder_dir(bare)
+    options["autoencoder"], data["out_dir"] = str(bare), str(micro_root / "tiny-bare")
+    with pytest.raises(ConfigError, match="autoencoder: model directory .* has no encoder"):
+        Trainer(parse_config(data))
+
+
 def test_teacher_trains_an_sd3_mmdit_that_the_adapter_reads_alike(micro_teacher_run):
     from training.teacher import load_teacher
 

@@ -41,7 +41,7 @@ from snapgen.text import TextEmbeddings
 from .. import distributed
 from ..config import ConfigError
 from ..ema import EMA
-from ..inputs import ClassEmbedding, FlowInputs, check_model_dir, concat_text
+from ..inputs import ClassEmbedding, FlowInputs, check_model_dir, concat_text, latent_model_dir
 from ..logger import save_grid
 from ..losses import flow_matching_loss
 from .base import Batch, Stage, StageOptions
@@ -93,7 +93,7 @@ class FlowStage(Stage):
             options.cache,
             options.cache_max_gb,
         )
-        self.decoder_path = check_model_dir(options.decoder or options.autoencoder, "decoder")
+        self.decoder_path = latent_model_dir(options.decoder or options.autoencoder, "decoder")
         self._decoder = None
         self.final_latent_size = config.data.resolutions()[-1] // self.inputs.factor
         modules: dict[str, nn.Module] = {"net": self.build_network()}
@@ -244,8 +244,9 @@ class FlowStage(Stage):
         return {}
 
 
-def load_raw_decoder(path: Path) -> nn.Module:
-    """The decoder directory's own ModelMixin (what ``save_model`` copies into a model directory)."""
+def load_raw_latent_model(path: Path) -> nn.Module:
+    """A decoder or autoencoder directory's own ModelMixin (what ``save_model`` copies into a model
+    directory)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from snapgen.models.autoencoder import SmallAutoencoder
@@ -316,12 +317,15 @@ class PretrainStage(FlowStage):
 
             return write_atomically(out_dir / "model", fill)
         resolutions = [self.config.data.resolutions()[-1], *self.config.data.resolutions()[:-1]]
+        same_dir = self.decoder_path.resolve() == self.inputs.autoencoder_dir.resolve()
         return save_model(
             out_dir / "model",
             unet,
-            load_raw_decoder(self.decoder_path),
+            load_raw_latent_model(self.decoder_path),
             self.inputs.text_encoder,
             self.sampler_config(),
             resolutions=[(r, r) for r in resolutions],
             overwrite=True,
+            # Unless the decoder is the autoencoder itself, the encoder travels with the model.
+            autoencoder=None if same_dir else load_raw_latent_model(self.inputs.autoencoder_dir),
         )
