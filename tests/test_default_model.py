@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from snapgen.model_dir import DEFAULT_MODEL_DIR, describe_model, load_pipeline
 
@@ -65,3 +66,24 @@ def test_saved_model_directories_carry_no_local_paths(tmp_path):
     for directory in (DEFAULT_MODEL_DIR, saved):
         for config in directory.glob("*/config.json"):
             assert "_name_or_path" not in json.loads(config.read_text()), config
+
+
+def test_default_model_carries_the_encoder_of_its_latent_space():
+    # What fine-tuning the default model starts from (docs/training.md): the autoencoder its
+    # U-Net's latents came from. Its latents of unseen ShapesBench scenes are ~N(0, 1) after the
+    # shipped normalisation, and the shipped (tiny) decoder turns them back into the pictures.
+    from snapgen.model_dir import encoder_dir
+    from snapgen.models.autoencoder import load_encoder
+    from training.shapesbench import ShapesDataset
+
+    encoder = load_encoder(encoder_dir(DEFAULT_MODEL_DIR))
+    decoder = load_pipeline().decoder
+    assert (encoder.scaling_factor, encoder.shift_factor) == (decoder.scaling_factor, decoder.shift_factor)
+    scenes = ShapesDataset(32, seed=12345)
+    pixels = torch.stack([scenes[i]["pixels"] for i in range(32)])
+    with torch.no_grad():
+        z = encoder.to_diffusion(encoder.encode(pixels))
+        recon = decoder.decode(decoder.from_diffusion(z)).clamp(-1, 1)
+    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2, (z.mean().item(), z.std().item())
+    psnr = 10 * torch.log10(4 / ((recon - pixels) ** 2).mean()).item()
+    assert psnr > 25, psnr
