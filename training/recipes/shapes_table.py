@@ -59,6 +59,11 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("pretrain-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px", "tiny v2"),
     ("pretrain4-prog", "no KD, 3000 steps at 64 px + 1000 at 128 px (not step-distilled)", "tiny v2"),
     ("ladd4-udisc", "LADD of the 6000-step parent, the parent as discriminator backbone, disc_lr 5e-4", "tiny v2"),
+    # Session 9 (runs/ lost; a re-trained autoencoder): from the shipped default, not from the recipe.
+    ("shipped-28g3", "session 8's default (LADD student) at 28 guided steps", "tiny v2"),
+    ("finetune-n200", "that default + 2000 steps at 128 px, counting x2 (200 + 50 prompts)", "tiny v2"),
+    ("ladd4-ft", "LADD of that fine-tuned parent, the parent as discriminator and target", "tiny v2"),
+    ("ladd8-ft", "LADD of that fine-tuned parent, the parent as discriminator and target", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
