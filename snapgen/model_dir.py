@@ -10,7 +10,6 @@ Layout (diffusers-style)::
     autoencoder/                # optional: the autoencoder the U-Net's latents come from, when the
                                 # decoder cannot encode (a TinyDecoder): fine-tuning needs it
 
-
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
 leaves a half-written model behind.
 """
