@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .models.autoencoder import ENCODER_CLASSES, load_decoder
+from .models.autoencoder import ENCODER_CLASSES, latent_class_name, load_decoder
 from .models.unet import SnapGenUNet
 from .pipeline import SnapGenPipeline
 from .sampling import SAMPLER_CONFIG_NAME, SamplerConfig
@@ -85,10 +85,8 @@ def encoder_dir(directory: str | Path) -> Path:
     or its decoder when that is a whole autoencoder. What training reads to continue from a model."""
     directory = check_model_dir(directory)
     for folder in (directory / AUTOENCODER, directory / "decoder"):
-        if (folder / "config.json").is_file():
-            name = json.loads((folder / "config.json").read_text()).get("_class_name")
-            if name in ENCODER_CLASSES:
-                return folder
+        if (folder / "config.json").is_file() and latent_class_name(folder) in ENCODER_CLASSES:
+            return folder
     raise ModelDirectoryError(
         f"model directory {directory} has no encoder: its decoder cannot encode and it has no "
         f"{AUTOENCODER}/ folder; give the autoencoder it was trained with"

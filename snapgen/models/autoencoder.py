@@ -248,6 +248,16 @@ def _load(path, subfolder, torch_dtype, allowed: tuple[str, ...], role: str):
     return model.eval().requires_grad_(False), class_name
 
 
+def latent_class_name(path: str | os.PathLike) -> str:
+    """The ``_class_name`` a saved autoencoder or decoder directory names."""
+    return _read_class_name(path, None)[1]
+
+
+def load_latent_model(path: str | os.PathLike, allowed: tuple[str, ...] = DECODER_CLASSES, role: str = "decoder"):
+    """The directory's own ModelMixin, unwrapped (what ``save_model`` copies into a model directory)."""
+    return _load(path, None, None, allowed, role)[0]
+
+
 def load_decoder(
     path: str | os.PathLike, torch_dtype: torch.dtype | None = None, subfolder: str | None = None
 ) -> LatentDecoder:

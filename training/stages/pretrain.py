@@ -31,7 +31,7 @@ from torch import nn
 
 from snapgen.flow import interpolate, sample_logit_normal, shift_time
 from snapgen.model_dir import save_component, save_model, write_atomically
-from snapgen.models.autoencoder import load_decoder
+from snapgen.models.autoencoder import ENCODER_CLASSES, load_decoder, load_latent_model
 from snapgen.models.configs import build_unet, unet_config
 from snapgen.models.unet import SnapGenUNet
 from snapgen.noise import randn_tensor
@@ -244,21 +244,6 @@ class FlowStage(Stage):
         return {}
 
 
-def load_raw_latent_model(path: Path) -> nn.Module:
-    """A decoder or autoencoder directory's own ModelMixin (what ``save_model`` copies into a model
-    directory)."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
-
-    from snapgen.models.autoencoder import SmallAutoencoder
-    from snapgen.models.tiny_decoder import TinyDecoder
-
-    classes = {c.__name__: c for c in (TinyDecoder, SmallAutoencoder, AutoencoderKL, AutoencoderTiny)}
-    name = json.loads((path / "config.json").read_text()).get("_class_name")
-    if name not in classes:
-        raise ValueError(f"{path}: cannot use a {name} as the model's decoder")
-    return classes[name].from_pretrained(path, use_safetensors=True)
-
-
 class PretrainOptions(FlowOptions):
     unet: str | dict[str, Any] = "snapgen-shapes"  # a named config (snapgen.models.configs) or a full dict
     unet_overrides: dict[str, Any] = Field(default_factory=dict)
@@ -317,15 +302,16 @@ class PretrainStage(FlowStage):
 
             return write_atomically(out_dir / "model", fill)
         resolutions = [self.config.data.resolutions()[-1], *self.config.data.resolutions()[:-1]]
-        same_dir = self.decoder_path.resolve() == self.inputs.autoencoder_dir.resolve()
+        # Unless the decoder is the autoencoder itself, the encoder travels with the model.
+        encoder = self.inputs.autoencoder_dir
+        same_dir = self.decoder_path.resolve() == encoder.resolve()
         return save_model(
             out_dir / "model",
             unet,
-            load_raw_latent_model(self.decoder_path),
+            load_latent_model(self.decoder_path),
             self.inputs.text_encoder,
             self.sampler_config(),
             resolutions=[(r, r) for r in resolutions],
             overwrite=True,
-            # Unless the decoder is the autoencoder itself, the encoder travels with the model.
-            autoencoder=None if same_dir else load_raw_latent_model(self.inputs.autoencoder_dir),
+            autoencoder=None if same_dir else load_latent_model(encoder, ENCODER_CLASSES, "encoder"),
         )
