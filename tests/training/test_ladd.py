@@ -143,6 +143,37 @@ def test_guided_distillation_target_is_the_teachers_cfg_combination(ladd_parts):
     torch.testing.assert_close(plain._distill_target(batch, g), cond)
 
 
+def test_the_target_can_span_several_teacher_steps(ladd_parts):
+    """With ``distill_teacher_steps`` the target is the teacher's guided Euler steps from the
+    student's time to its next one, as one velocity; for 4 student steps and 28 teacher steps the
+    teacher steps through exactly the 28-step sampler's times."""
+    from training.stages.ladd import teacher_segments
+
+    segments = teacher_segments(4, 28, 3.0)
+    assert segments.shape == (4, 8)
+    torch.testing.assert_close(segments[:, :-1].flatten(), flow_timesteps(28, 3.0)[:-1].float())
+    torch.testing.assert_close(segments[:, 0], flow_timesteps(4, 3.0)[:-1].float())
+    torch.testing.assert_close(segments[:, -1], flow_timesteps(4, 3.0)[1:].float())
+    assert teacher_segments(8, 28, 3.0).shape == (8, 5) and teacher_segments(8, None, 3.0).shape == (8, 2)
+
+    stage, config = ladd_stage(ladd_parts, distill_guidance=3.0, distill_teacher_steps=28, student_steps=[4])
+    batch, g, target, cond, uncond = guided_target(stage, config, stage.teacher)
+    torch.testing.assert_close(g["segment"][:, 0], g["t"])
+
+    n = g["x_t"].shape[0]
+    with torch.no_grad():
+        x = g["x_t"]
+        for i in range(7):
+            t, t_next = g["segment"][:, i], g["segment"][:, i + 1]
+            c = stage.teacher(x, t, g["text"]).velocity
+            u = stage.teacher(x, t, stage.inputs.encode_prompts([""] * n)).velocity
+            x = x + (t_next - t).view(-1, 1, 1, 1) * (u + 3.0 * (c - u))
+    spanned = (g["x_t"] - x) / (g["t"] - g["segment"][:, -1]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(target, spanned, rtol=1e-4, atol=1e-5)
+    # Not the teacher's velocity at the student's point (what one teacher step per student step gives).
+    assert not torch.allclose(target, uncond + 3.0 * (cond - uncond), atol=1e-3)
+
+
 def test_a_unet_model_directory_can_be_the_distillation_target(ladd_parts):
     """``distill_teacher`` may be a snapgen model directory (e.g. the 28-step student when it beats
     the small MMDiT): the target is then that U-Net's guided velocity; the MMDiT still discriminates."""

@@ -12,9 +12,18 @@ Per step, for real latents ``x0`` and captions ``c``:
     real = (1 - t') x0 + t' eps',   fake = (1 - t') x0_hat + t' eps'     same t' and eps'
     D(z) = heads(teacher blocks at (z, t', c), t')
 
-    generator:      L_G = adv_weight * hinge_G(D(fake)) + distill_weight * |v_S - v_T^g(x_t, t, c)|^2
+    generator:      L_G = adv_weight * hinge_G(D(fake)) + distill_weight * |v_S - v*|^2
     v_T^g = v_T(x_t, t, '') + g (v_T(x_t, t, c) - v_T(x_t, t, ''))      g = distill_guidance (1: v_T)
+    v*    = (x_t - Phi_K(x_t; t -> t_next)) / (t - t_next)               the teacher's K steps as one
     discriminator:  L_D = hinge_D(D(real), D(fake.detach()))
+
+``Phi_K`` integrates the guided teacher flow v_T^g with K Euler steps from ``t`` to the next time
+of the student's schedule (0 after the last), on the finer schedule ``flow_timesteps(N K)``, with
+``K = round(distill_teacher_steps / N)``: for N = 4 and 28 teacher steps, exactly the 28-step
+sampler's times. K = 1 (the default) makes ``v* = v_T^g(x_t, t, c)``, the teacher's velocity at the
+student's point. The paper's output distillation reads a few-step teacher (SD3.5-Large-Turbo),
+whose one step already spans the student's; without one, K > 1 makes the 28-step teacher's
+several steps that target.
 
 Re-noising both to the same high ``t'`` makes the discriminator judge the global layout (what a
 few-step sampler gets wrong) rather than pixel noise, and gives real and fake overlapping
@@ -66,6 +75,8 @@ class LADDOptions(FlowOptions):
     # The distillation target is the teacher's guided velocity v_u + g (v_c - v_u): the student
     # samples without guidance, so it must learn the guided flow the teacher is evaluated with.
     distill_guidance: float = Field(1.0, ge=0)
+    # Teacher steps over the whole schedule that the target spans (v* above); None: one per step.
+    distill_teacher_steps: int | None = Field(None, gt=0)
     renoise_mean: float = 1.0  # t' = sigmoid(renoise_mean + renoise_std * n): mostly high noise
     renoise_std: float = Field(1.0, gt=0)
     # Few-step samplers are used without guidance; the export's defaults.
@@ -93,6 +104,13 @@ def default_layers(num_layers: int, count: int = 4) -> list[int]:
     return sorted({round((i + 1) * num_layers / count) - 1 for i in range(count)})
 
 
+def teacher_segments(steps: int, teacher_steps: int | None, shift: float) -> torch.Tensor:
+    """Row k: the K + 1 times the teacher steps through from the student's k-th time to its next."""
+    k = max(1, round(teacher_steps / steps)) if teacher_steps else 1
+    fine = flow_timesteps(steps * k, shift).float()
+    return torch.stack([fine[i * k:(i + 1) * k + 1] for i in range(steps)])
+
+
 class LADDStage(PretrainStage):
     name = "ladd"
     Options = LADDOptions
@@ -113,6 +131,8 @@ class LADDStage(PretrainStage):
             raise ConfigError(f"stage_options.disc_layers: {e}") from None
         self.discriminator = LADDDiscriminator(channels, o.disc_hidden).to(device)
         self.schedules = {n: flow_timesteps(n, o.sample_shift)[:-1].float().to(device) for n in o.student_steps}
+        self.segments = {n: teacher_segments(n, o.distill_teacher_steps, o.sample_shift).to(device)
+                         for n in o.student_steps}
         self._cache: dict | None = None
 
     def build_network(self):
@@ -159,8 +179,10 @@ class LADDStage(PretrainStage):
         x0 = self.inputs.latents(batch)
         n = x0.shape[0]
         # torch's RNG (not Python's): checkpoints restore it, so a resumed run draws the same N.
-        schedule = self.schedules[o.student_steps[int(torch.randint(len(o.student_steps), ()))]]
-        t = schedule[torch.randint(len(schedule), (n,), device=schedule.device)]
+        steps = o.student_steps[int(torch.randint(len(o.student_steps), ()))]
+        schedule = self.schedules[steps]
+        index = torch.randint(len(schedule), (n,), device=schedule.device)
+        t = schedule[index]
         noise = torch.randn_like(x0)
         x_t = interpolate(x0, noise, t)
         batch = drop_captions(batch, self.inputs, o.cfg_dropout)
@@ -171,6 +193,7 @@ class LADDStage(PretrainStage):
             "x0": x0,
             "x_t": x_t,
             "t": t,
+            "segment": self.segments[steps][index],
             "v": v,
             "x0_hat": predict_x0(x_t, v, t),
             "text": teacher_text,
@@ -204,16 +227,24 @@ class LADDStage(PretrainStage):
     @torch.no_grad()
     def _distill_target(self, batch: Batch, g: dict) -> torch.Tensor:
         guidance = self.options.distill_guidance
-        if guidance == 1.0:
-            return self.distill_teacher(g["x_t"], g["t"], g["distill_text"]).velocity
-        n = g["x_t"].shape[0]
-        empty = dict(batch, captions=[""] * n)
-        uncond = self.distill_text(empty, self.inputs.encode_prompts([""] * n))
-        both = self.distill_teacher(
-            torch.cat([g["x_t"], g["x_t"]]), torch.cat([g["t"], g["t"]]), concat_text(g["distill_text"], uncond)
-        ).velocity
-        cond, uncond_v = both.chunk(2)
-        return uncond_v + guidance * (cond - uncond_v)
+        if guidance != 1.0:
+            n = g["x_t"].shape[0]
+            empty = dict(batch, captions=[""] * n)
+            both_text = concat_text(g["distill_text"], self.distill_text(empty, self.inputs.encode_prompts([""] * n)))
+
+        def velocity(x, t):
+            if guidance == 1.0:
+                return self.distill_teacher(x, t, g["distill_text"]).velocity
+            cond, uncond = self.distill_teacher(torch.cat([x, x]), torch.cat([t, t]), both_text).velocity.chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        times = g["segment"]
+        if times.shape[1] == 2:
+            return velocity(g["x_t"], g["t"])
+        x = g["x_t"]
+        for i in range(times.shape[1] - 1):
+            x = x + (times[:, i + 1] - times[:, i]).view(-1, 1, 1, 1) * velocity(x, times[:, i])
+        return (g["x_t"] - x) / (times[:, 0] - times[:, -1]).view(-1, 1, 1, 1)
 
     def _discriminator_loss(self, batch: Batch):
         g = self._cache
