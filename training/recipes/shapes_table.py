@@ -64,6 +64,11 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("finetune-n200", "that default + 2000 steps at 128 px, counting x2 (200 + 50 prompts)", "tiny v2"),
     ("ladd4-ft", "LADD of that fine-tuned parent, the parent as discriminator and target", "tiny v2"),
     ("ladd8-ft", "LADD of that fine-tuned parent, the parent as discriminator and target", "tiny v2"),
+    # Session 10: the distillation target spans the parent's 28-step sampler (distill_teacher_steps: 28).
+    ("ladd4-span", "the same LADD, its target the parent's 28 steps over each student step", "tiny v2"),
+    ("ladd8-span", "the same LADD, its target the parent's 28 steps over each student step", "tiny v2"),
+    ("ladd4-span-default", "that LADD with the generator starting from the default", "tiny v2"),
+    ("ladd8-span-default", "that LADD with the generator starting from the default", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
