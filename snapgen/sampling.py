@@ -107,16 +107,24 @@ def sample_euler(
 ) -> torch.Tensor:
     """Integrate from ``noise`` at ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
 
+    ``timesteps`` is ``(steps + 1,)``, shared by the batch, or ``(steps + 1, batch)``: a schedule
+    per sample (LADD's distillation target steps each sample through its own segment).
     ``on_step(i, n, x)`` runs after each step; raising from it stops sampling (how a server
     cancels a running job).
     """
     x = noise
     n = len(timesteps) - 1
     for i in range(n):
-        t, t_next = float(timesteps[i]), float(timesteps[i + 1])
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        if timesteps.ndim == 1:
+            t, t_next = float(timesteps[i]), float(timesteps[i + 1])
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+            step = t_next - t
+        else:
+            t_batch = timesteps[i].to(device=x.device, dtype=torch.float32)
+            step = (timesteps[i + 1] - timesteps[i]).to(device=x.device, dtype=torch.float32)
+            step = step.reshape(-1, *([1] * (x.ndim - 1)))
         v = velocity(x, t_batch)
-        x = (x.float() + (t_next - t) * v.float()).to(noise.dtype)
+        x = (x.float() + step * v.float()).to(noise.dtype)
         if on_step is not None:
             on_step(i + 1, n, x)
     return x

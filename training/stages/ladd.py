@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 
 from snapgen.flow import interpolate, predict_x0, sample_logit_normal
 from snapgen.models.unet import SnapGenUNet
-from snapgen.sampling import SamplerConfig, flow_timesteps
+from snapgen.sampling import SamplerConfig, flow_timesteps, guided, sample_euler
 
 from ..config import ConfigError
 from ..discriminator import LADDDiscriminator
@@ -232,19 +232,17 @@ class LADDStage(PretrainStage):
             empty = dict(batch, captions=[""] * n)
             both_text = concat_text(g["distill_text"], self.distill_text(empty, self.inputs.encode_prompts([""] * n)))
 
-        def velocity(x, t):
-            if guidance == 1.0:
+        def teacher_velocity(x, t, with_uncond):
+            if not with_uncond:
                 return self.distill_teacher(x, t, g["distill_text"]).velocity
-            cond, uncond = self.distill_teacher(torch.cat([x, x]), torch.cat([t, t]), both_text).velocity.chunk(2)
-            return uncond + guidance * (cond - uncond)
+            return self.distill_teacher(torch.cat([x, x]), torch.cat([t, t]), both_text).velocity
 
+        velocity = guided(teacher_velocity, guidance)
         times = g["segment"]
-        if times.shape[1] == 2:
+        if times.shape[1] == 2:  # one teacher step: its velocity itself, not rounded through x
             return velocity(g["x_t"], g["t"])
-        x = g["x_t"]
-        for i in range(times.shape[1] - 1):
-            x = x + (times[:, i + 1] - times[:, i]).view(-1, 1, 1, 1) * velocity(x, times[:, i])
-        return (g["x_t"] - x) / (times[:, 0] - times[:, -1]).view(-1, 1, 1, 1)
+        end = sample_euler(velocity, g["x_t"], times.T)
+        return (g["x_t"] - end) / (times[:, 0] - times[:, -1]).view(-1, 1, 1, 1)
 
     def _discriminator_loss(self, batch: Batch):
         g = self._cache
