@@ -69,6 +69,13 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("ladd8-span", "the same LADD, its target the parent's 28 steps over each student step", "tiny v2"),
     ("ladd4-span-default", "that LADD with the generator starting from the default", "tiny v2"),
     ("ladd8-span-default", "that LADD with the generator starting from the default", "tiny v2"),
+    # Session 11: the parent's guidance scale; the spanning LADD without the 8-step schedule, and cheaper.
+    ("finetune-n200-g5", "session 9's fine-tuned parent at guidance 5 (200 + 50 prompts)", "tiny v2"),
+    ("finetune-n200-g7", "session 9's fine-tuned parent at guidance 7 (200 + 50 prompts)", "tiny v2"),
+    ("ladd4-span4", "the spanning LADD trained on 4 steps only (`student_steps: [4]`)", "tiny v2"),
+    ("ladd8-span4", "the same 4-step student sampled at 8 steps (not trained for them)", "tiny v2"),
+    ("ladd4-span16", "the spanning LADD with 16 teacher steps instead of 28", "tiny v2"),
+    ("ladd8-span16", "the spanning LADD with 16 teacher steps instead of 28", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
