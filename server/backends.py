@@ -153,28 +153,17 @@ class StagedBackend(Backend):
 
         from snapgen.noise import randn_tensor
         from snapgen.pipeline import to_uint8
-        from snapgen.sampling import guided, sample_euler
-        from snapgen.text import TextEmbeddings
+        from snapgen.sampling import cfg_velocity, guided, sample_euler
 
         with torch.no_grad():
             start = time.perf_counter()
             cond = self.encode_text(batch.prompts)
-            both = None
+            uncond = None
             if batch.guidance_scale != 1.0:
                 negatives = batch.negative_prompts or [""] * len(batch.prompts)
                 uncond = self.encode_text(negatives)
-                both = TextEmbeddings(
-                    tokens=torch.cat([cond.tokens, uncond.tokens]),
-                    mask=torch.cat([cond.mask, uncond.mask]),
-                    pooled=None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled]),
-                )
             text_done = time.perf_counter()
-
-            def velocity(x, t, with_uncond: bool):
-                if with_uncond:
-                    return self.unet(torch.cat([x, x]), torch.cat([t, t]), both)
-                return self.unet(x, t, cond)
-
+            velocity = cfg_velocity(self.unet, cond, uncond)
             f = self.latent_factor
             shape = (self.latent_channels, batch.height // f, batch.width // f)
             noise = randn_tensor(batch.seeds, shape, device=self.device, dtype=self.dtype)

@@ -20,7 +20,7 @@ from PIL import Image
 from .models.autoencoder import LatentDecoder
 from .models.unet import SnapGenUNet
 from .noise import randn_tensor
-from .sampling import SamplerConfig, guided, sample_euler
+from .sampling import SamplerConfig, cfg_velocity, guided, sample_euler
 from .text import TextEmbeddings, TextEncoder
 from .tracing import TracedUNet
 
@@ -141,24 +141,13 @@ class SnapGenPipeline:
     def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
         return self.text_encoder.encode(prompts).to(device=self.device, dtype=self.dtype)
 
+    def _call_unet(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+        if self._traced_unet is not None:
+            return self._traced_unet(x, t, text.tokens, text.mask, text.pooled)
+        return self.unet(x, t, text.tokens, text.mask, text.pooled).sample
+
     def _velocity_fn(self, cond: TextEmbeddings, uncond: TextEmbeddings | None):
-        both = None
-        if uncond is not None:
-            both = TextEmbeddings(
-                tokens=torch.cat([cond.tokens, uncond.tokens]),
-                mask=torch.cat([cond.mask, uncond.mask]),
-                pooled=None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled]),
-            )
-
-        def velocity(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
-            text = both if with_uncond else cond
-            if with_uncond:
-                x, t = torch.cat([x, x]), torch.cat([t, t])
-            if self._traced_unet is not None:
-                return self._traced_unet(x, t, text.tokens, text.mask, text.pooled)
-            return self.unet(x, t, text.tokens, text.mask, text.pooled).sample
-
-        return velocity
+        return cfg_velocity(self._call_unet, cond, uncond)
 
     @torch.no_grad()
     def __call__(

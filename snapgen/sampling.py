@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 
 from .flow import resolution_shift, shift_time
+from .text import TextEmbeddings, concat_text
 
 SAMPLER_CONFIG_NAME = "scheduler_config.json"
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# A model call on noised latents, times and text: ``call(x, t, text) -> velocity``.
+ModelCall = Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor]
 
 
 @dataclass
@@ -96,6 +99,25 @@ def guided(velocity_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tenso
         return uncond + guidance_scale * (cond - uncond)
 
     return fn
+
+
+def cfg_velocity(call: ModelCall, cond: TextEmbeddings, uncond: TextEmbeddings | None = None):
+    """The ``velocity_fn(x, t, with_uncond)`` that :func:`guided` wraps, from a model call.
+
+    The unconditional prediction comes from the same call as the conditional one: ``x`` and
+    ``t`` doubled, the text ``[cond; uncond]``. ``uncond`` may be None only when sampling
+    without guidance (``guidance_scale == 1``), which never asks for it.
+    """
+    both = None if uncond is None else concat_text(cond, uncond)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
+        if not with_uncond:
+            return call(x, t, cond)
+        if both is None:
+            raise ValueError("classifier-free guidance needs the unconditional text; uncond is None")
+        return call(torch.cat([x, x]), torch.cat([t, t]), both)
+
+    return velocity
 
 
 @torch.no_grad()

@@ -93,6 +93,15 @@ class TextEmbeddings:
         )
 
 
+def concat_text(first: TextEmbeddings, second: TextEmbeddings) -> TextEmbeddings:
+    """``first`` and ``second`` stacked along the batch (one model call for both)."""
+    return TextEmbeddings(
+        tokens=torch.cat([first.tokens, second.tokens]),
+        mask=torch.cat([first.mask, second.mask]),
+        pooled=None if first.pooled is None else torch.cat([first.pooled, second.pooled]),
+    )
+
+
 class PromptTooLongError(ValueError):
     """A prompt has more tokens than the encoder's ``max_length``; prompts are never truncated."""
 

@@ -3,7 +3,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from snapgen import flow
-from snapgen.sampling import SamplerConfig, flow_timesteps, guided, sample_euler
+from snapgen.sampling import SamplerConfig, cfg_velocity, flow_timesteps, guided, sample_euler
+from snapgen.text import TextEmbeddings
 
 
 def test_interpolation_endpoints_and_velocity():
@@ -82,6 +83,32 @@ def test_guidance_formula_and_single_pass_at_one():
     torch.testing.assert_close(guided(velocity, 3.0)(x, t), torch.full_like(x, 0.5 + 3 * 1.5))
     torch.testing.assert_close(guided(velocity, 1.0)(x, t), torch.full_like(x, 2.0))
     assert calls == [True, False]
+
+
+def test_cfg_velocity_runs_both_halves_in_one_call():
+    def text(value, batch):
+        return TextEmbeddings(tokens=torch.full((batch, 3, 2), value), mask=torch.ones(batch, 3, dtype=torch.bool),
+                              pooled=torch.full((batch, 5), value))
+
+    calls = []
+
+    def call(x, t, emb):  # a "model" whose output says which text and time each row saw
+        calls.append(x.shape[0])
+        return x + emb.tokens[:, 0, 0].view(-1, 1) + emb.pooled[:, 0].view(-1, 1) + t.view(-1, 1)
+
+    x, t = torch.arange(4.0).view(2, 2), torch.tensor([0.5, 0.25])
+    velocity = cfg_velocity(call, text(1.0, 2), text(-1.0, 2))
+    both = velocity(x, t, True)
+    torch.testing.assert_close(both[:2], x + 2.0 + t.view(-1, 1))  # cond first
+    torch.testing.assert_close(both[2:], x - 2.0 + t.view(-1, 1))
+    torch.testing.assert_close(velocity(x, t, False), both[:2])
+    assert calls == [4, 2]
+    torch.testing.assert_close(guided(velocity, 3.0)(x, t), x - 2.0 + 3 * 4.0 + t.view(-1, 1))
+
+    unguided = cfg_velocity(call, text(1.0, 2))
+    torch.testing.assert_close(guided(unguided, 1.0)(x, t), both[:2])
+    with pytest.raises(ValueError, match="uncond is None"):
+        guided(unguided, 3.0)(x, t)
 
 
 def test_sampler_config_distilled_timesteps_and_round_trip(tmp_path):

@@ -85,14 +85,6 @@ def latent_model_dir(path: str, what: str) -> Path:
     return check_model_dir(path, what)
 
 
-def concat_text(a: TextEmbeddings, b: TextEmbeddings) -> TextEmbeddings:
-    return TextEmbeddings(
-        tokens=torch.cat([a.tokens, b.tokens]),
-        mask=torch.cat([a.mask, b.mask]),
-        pooled=None if a.pooled is None else torch.cat([a.pooled, b.pooled]),
-    )
-
-
 class ClassEmbedding(nn.Module):
     """Class-conditional training (the paper's ImageNet stage) through the text interface.
 

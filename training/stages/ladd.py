@@ -45,12 +45,13 @@ from pydantic import Field, model_validator
 
 from snapgen.flow import interpolate, predict_x0, sample_logit_normal
 from snapgen.models.unet import SnapGenUNet
-from snapgen.sampling import SamplerConfig, flow_timesteps, guided, sample_euler
+from snapgen.sampling import SamplerConfig, cfg_velocity, flow_timesteps, guided, sample_euler
+from snapgen.text import concat_text
 
 from ..config import ConfigError
 from ..discriminator import LADDDiscriminator
 from ..distillation import output_kd_loss
-from ..inputs import check_model_dir, concat_text
+from ..inputs import check_model_dir
 from ..losses import hinge_d_loss, hinge_g_loss
 from ..teacher import load_teacher
 from .base import Batch
@@ -227,17 +228,16 @@ class LADDStage(PretrainStage):
     @torch.no_grad()
     def _distill_target(self, batch: Batch, g: dict) -> torch.Tensor:
         guidance = self.options.distill_guidance
+        uncond = None
         if guidance != 1.0:
             n = g["x_t"].shape[0]
             empty = dict(batch, captions=[""] * n)
-            both_text = concat_text(g["distill_text"], self.distill_text(empty, self.inputs.encode_prompts([""] * n)))
+            uncond = self.distill_text(empty, self.inputs.encode_prompts([""] * n))
 
-        def teacher_velocity(x, t, with_uncond):
-            if not with_uncond:
-                return self.distill_teacher(x, t, g["distill_text"]).velocity
-            return self.distill_teacher(torch.cat([x, x]), torch.cat([t, t]), both_text).velocity
+        def teacher_call(x, t, text):
+            return self.distill_teacher(x, t, text).velocity
 
-        velocity = guided(teacher_velocity, guidance)
+        velocity = guided(cfg_velocity(teacher_call, g["distill_text"], uncond), guidance)
         times = g["segment"]
         if times.shape[1] == 2:  # one teacher step: its velocity itself, not rounded through x
             return velocity(g["x_t"], g["t"])

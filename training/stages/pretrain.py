@@ -35,13 +35,13 @@ from snapgen.models.autoencoder import ENCODER_CLASSES, load_decoder, load_laten
 from snapgen.models.configs import build_unet, unet_config
 from snapgen.models.unet import SnapGenUNet
 from snapgen.noise import randn_tensor
-from snapgen.sampling import SamplerConfig, guided, sample_euler
+from snapgen.sampling import SamplerConfig, cfg_velocity, guided, sample_euler
 from snapgen.text import TextEmbeddings
 
 from .. import distributed
 from ..config import ConfigError
 from ..ema import EMA
-from ..inputs import ClassEmbedding, FlowInputs, check_model_dir, concat_text, latent_model_dir
+from ..inputs import ClassEmbedding, FlowInputs, check_model_dir, latent_model_dir
 from ..logger import save_grid
 from ..losses import flow_matching_loss
 from .base import Batch, Stage, StageOptions
@@ -219,13 +219,7 @@ class FlowStage(Stage):
         else:
             cond = self.inputs.encode_prompts(prompts)
             uncond = self.inputs.encode_prompts([""] * len(prompts))
-        both = concat_text(cond, uncond)
-
-        def velocity(x, t, with_uncond):
-            if with_uncond:
-                return self.velocity(model["net"], torch.cat([x, x]), torch.cat([t, t]), both)
-            return self.velocity(model["net"], x, t, cond)
-
+        velocity = cfg_velocity(lambda x, t, text: self.velocity(model["net"], x, t, text), cond, uncond)
         side = resolution // self.inputs.factor
         noise = randn_tensor(
             [seed + i for i in range(len(prompts))], (self.inputs.latent_channels, side, side), device=self.device
