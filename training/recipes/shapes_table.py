@@ -76,6 +76,9 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("ladd8-span4", "the same 4-step student sampled at 8 steps (not trained for them)", "tiny v2"),
     ("ladd4-span16", "the spanning LADD with 16 teacher steps instead of 28", "tiny v2"),
     ("ladd8-span16", "the spanning LADD with 16 teacher steps instead of 28", "tiny v2"),
+    # Session 12: the re-noising level of LADD's discriminator.
+    ("ladd4-renoise0", "the 16-step spanning LADD re-noising around t' = 0.5 (`renoise_mean: 0`)", "tiny v2"),
+    ("ladd8-renoise0", "the 16-step spanning LADD re-noising around t' = 0.5 (`renoise_mean: 0`)", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
