@@ -276,7 +276,7 @@ def golden_reference(pipeline, prompt: str, seed: int, steps: int, resolution: i
     # The first step's (guided) velocity, computed the way the sampler computes it.
     guidance = pipeline.sampler.guidance_scale
     uncond = pipeline.encode_prompts([""]) if guidance != 1.0 else None
-    velocity = guided(pipeline._velocity_fn(text, uncond), guidance)
+    velocity = guided(pipeline.velocity_fn(text, uncond), guidance)
     with torch.no_grad():
         v0 = velocity(noise, torch.full((1,), float(timesteps[0]), dtype=torch.float32))
     png = io.BytesIO()

@@ -146,7 +146,12 @@ class SnapGenPipeline:
             return self._traced_unet(x, t, text.tokens, text.mask, text.pooled)
         return self.unet(x, t, text.tokens, text.mask, text.pooled).sample
 
-    def _velocity_fn(self, cond: TextEmbeddings, uncond: TextEmbeddings | None):
+    def velocity_fn(self, cond: TextEmbeddings, uncond: TextEmbeddings | None):
+        """The U-Net as ``velocity(x, t, with_uncond)`` for ``snapgen.sampling.guided``.
+
+        Public because the Core ML golden reference (mobile_export) must compute the first step's
+        velocity exactly as this pipeline's sampler does.
+        """
         return cfg_velocity(self._call_unet, cond, uncond)
 
     @torch.no_grad()
@@ -196,7 +201,7 @@ class SnapGenPipeline:
         shape = (self.unet.config.in_channels, height // f, width // f)
         noise = randn_tensor(seeds, shape, device=self.device, dtype=self.dtype)
         timesteps = self.sampler.timesteps(steps, height, width)
-        velocity = guided(self._velocity_fn(cond, uncond), guidance_scale)
+        velocity = guided(self.velocity_fn(cond, uncond), guidance_scale)
         latents = sample_euler(velocity, noise, timesteps, on_step)
         unet_done = time.perf_counter()
 

@@ -218,7 +218,8 @@ class FlowStage(Stage):
             uncond = model["classes"](torch.full_like(labels, model["classes"].num_classes))
         else:
             cond = self.inputs.encode_prompts(prompts)
-            uncond = self.inputs.encode_prompts([""] * len(prompts))
+            # At guidance 1 (LADD's sample grids) the unconditional half is never called.
+            uncond = self.inputs.encode_prompts([""] * len(prompts)) if guidance != 1.0 else None
         velocity = cfg_velocity(lambda x, t, text: self.velocity(model["net"], x, t, text), cond, uncond)
         side = resolution // self.inputs.factor
         noise = randn_tensor(
