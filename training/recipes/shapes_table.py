@@ -79,6 +79,10 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     # Session 12: the re-noising level of LADD's discriminator.
     ("ladd4-renoise0", "the 16-step spanning LADD re-noising around t' = 0.5 (`renoise_mean: 0`)", "tiny v2"),
     ("ladd8-renoise0", "the 16-step spanning LADD re-noising around t' = 0.5 (`renoise_mean: 0`)", "tiny v2"),
+    # Sessions 12-13: a new parent with a longer 64 px phase (next-step 1), counting x2 (200 + 50 prompts).
+    ("long64-8000-n200", "new parent, 6000 steps at 64 px + 2000 at 128 px, counting x2 (200 + 50 prompts)", "tiny v2"),
+    ("long64-9000-n200", "the same parent at 6000 + 3000 steps (200 + 50 prompts)", "tiny v2"),
+    ("long64-10000-n200", "the same parent at 6000 + 4000 steps (200 + 50 prompts)", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
