@@ -1,4 +1,4 @@
-"""``snapgen train STAGE --config FILE [--resume] [--max-steps N] [--out DIR]``.
+"""``snapgen train STAGE --config FILE [--resume] [--max-steps N] [--out DIR] [--export-checkpoint STEP]``.
 
 Single process: ``snapgen train pretrain --config configs/micro/pretrain.yaml``.
 Several processes / GPUs: ``torchrun --nproc_per_node 8 -m snapgen.cli train pretrain --config ...``
@@ -20,6 +20,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     p.add_argument("--max-steps", type=int, help="override max_steps")
     p.add_argument("--out", type=Path, help="override out_dir")
+    p.add_argument(
+        "--export-checkpoint",
+        type=int,
+        metavar="STEP",
+        help="train nothing: export the product of the run's checkpoint STEP to OUT_DIR/<product>-STEPsteps "
+        "(safe while the run is still training)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -43,10 +50,16 @@ def cmd_train(args) -> None:
         if config.stage != args.stage:
             raise ConfigError(f"{args.config} is a config for stage {config.stage!r}, not {args.stage!r}")
         # Everything that can be wrong with the inputs fails here, before the first step.
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, resume=args.resume, at_step=args.export_checkpoint)
     except (ConfigError, ValidationError, FileNotFoundError, ValueError) as e:
         shutdown()
         raise CLIError(str(e)) from None
+    if args.export_checkpoint is not None:
+        try:
+            print(f"{config.stage}: step {trainer.step} exported to {trainer.export_snapshot()}")
+        finally:
+            shutdown()
+        return
     try:
         trainer.run()
     except KeyboardInterrupt:

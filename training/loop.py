@@ -81,7 +81,10 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     """Set up a run (all checks happen here, before any training) and run it with :meth:`run`."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, at_step: int | None = None):
+        """``resume`` continues from the newest checkpoint in ``out_dir``; ``at_step`` loads checkpoint
+        ``step_<at_step>`` instead and touches nothing else in ``out_dir`` (for :meth:`export_snapshot`
+        while the run itself may still be training there)."""
         self.config = config
         self.out_dir = Path(config.out_dir)
         if config.cpu_threads:
@@ -90,7 +93,7 @@ class Trainer:
         self.device = self.dist.device
         self.step = 0
 
-        resume_from = self._check_out_dir(resume)
+        resume_from = self._check_out_dir(resume) if at_step is None else self._find_checkpoint(at_step)
         stage_cls = stage_class(config.stage)
         options = parse_stage_options(config, stage_cls.Options)
         if config.precision != "fp32" and self.device.type == "cpu":
@@ -150,17 +153,28 @@ class Trainer:
                 f"{self.out_dir} already holds checkpoints (latest: {found.name}); "
                 "pass --resume to continue that run, or choose another --out"
             )
-        if found is None:
-            return None
+        if found is not None:
+            self._check_written_by_this_config(found)
+        return found
+
+    def _find_checkpoint(self, step: int) -> Path:
+        found = {int(p.name.split("_")[1]): p for p in checkpoint.checkpoint_dirs(self.out_dir)}
+        if step not in found:
+            have = ", ".join(map(str, found)) or "none"
+            where = self.out_dir / checkpoint.CHECKPOINTS
+            raise ConfigError(f"no checkpoint at step {step} in {where} (steps: {have})")
+        self._check_written_by_this_config(found[step])
+        return found[step]
+
+    def _check_written_by_this_config(self, found: Path) -> None:
         state = checkpoint.read_state(found)
         if state.get("config_hash") != config_hash(self.config):
             changed = config_diff(state.get("config", {}), training_identity(self.config))
             raise ConfigError(
-                f"--resume: {found} was written by a different config; changed keys:\n  "
+                f"{found} was written by a different config; changed keys:\n  "
                 + "\n  ".join(changed or ["(unknown: the checkpoint has no config)"])
                 + f"\nonly these may change on resume: {', '.join(sorted(RESUMABLE_KEYS))}"
             )
-        return found
 
     def _enable_gradient_checkpointing(self) -> None:
         from diffusers.models.modeling_utils import ModelMixin

@@ -1,6 +1,7 @@
 """Checkpoints reload to identical outputs; resume continues exactly; kill leaves a usable checkpoint."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,31 @@ def test_resume_refuses_another_config_and_fresh_runs_refuse_old_checkpoints(str
     cooled = straight.config.optim.model_copy(update={"cooldown_steps": 10})
     longer = straight.config.model_copy(update={"max_steps": 40, "log_every": 3, "optim": cooled})
     assert Trainer(longer, resume=True).step == 30
+
+
+def test_export_checkpoint_exports_an_older_step_and_leaves_the_run_alone(straight, tmp_path, capsys):
+    from snapgen.cli import main
+    from snapgen.model_dir import load_pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(straight.out_dir, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(straight.config.model_dump(mode="json")))
+    assert main(["train", "pretrain", "--config", str(path), "--out", str(run), "--export-checkpoint", "15"]) == 0
+
+    weights = load_file(run / checkpoint.CHECKPOINTS / "step_00000015" / checkpoint.WEIGHTS)
+    ema = {k[len("model.ema.net."):]: v for k, v in weights.items() if k.startswith("model.ema.net.")}
+    exported = load_pipeline(run / "model-15steps").unet.state_dict()
+    assert exported.keys() == ema.keys()
+    assert all(torch.equal(v, ema[k]) for k, v in exported.items())  # the EMA weights of step 15, not 30
+    after = sorted(p.relative_to(run) for p in run.rglob("*") if not p.is_relative_to(run / "model-15steps"))
+    assert after == before  # no checkpoint, log line or config rewritten, nothing left half-written
+
+    capsys.readouterr()
+    assert main(["train", "pretrain", "--config", str(path), "--out", str(run), "--export-checkpoint", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 20 in" in err and "(steps: 15, 30)" in err
 
 
 def test_killed_run_leaves_a_readable_checkpoint_and_resumes(micro_root, tmp_path):
