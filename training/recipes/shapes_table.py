@@ -83,6 +83,12 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("long64-8000-n200", "new parent, 6000 steps at 64 px + 2000 at 128 px, counting x2 (200 + 50 prompts)", "tiny v2"),
     ("long64-9000-n200", "the same parent at 6000 + 3000 steps (200 + 50 prompts)", "tiny v2"),
     ("long64-10000-n200", "the same parent at 6000 + 4000 steps (200 + 50 prompts)", "tiny v2"),
+    # Session 14: that parent finished, on all 600 + 150 prompts, and the recipe's LADD (ladd-span16.yaml) from it.
+    ("long64-10000", "the same parent at 6000 + 4000 steps", "tiny v2"),
+    ("long64-10000-4g", "the same parent at 6000 + 4000 steps (not step-distilled)", "tiny v2"),
+    ("ladd4-long64", "the 16-step spanning LADD from the long-64 px parent", "tiny v2"),
+    ("ladd8-long64", "the 16-step spanning LADD from the long-64 px parent", "tiny v2"),
+    ("ladd4-long64-200", "that LADD at step 200 of 300 (`--export-checkpoint 200`)", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
