@@ -56,7 +56,8 @@ def cmd_train(args) -> None:
         raise CLIError(str(e)) from None
     if args.export_checkpoint is not None:
         try:
-            print(f"{config.stage}: step {trainer.step} exported to {trainer.export_snapshot()}")
+            if trainer.dist.is_main:  # under torchrun every process loads it; one writes
+                print(f"{config.stage}: step {trainer.step} exported to {trainer.export_snapshot()}")
         finally:
             shutdown()
         return
