@@ -34,6 +34,16 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 FORMAT = 1
+_STEP_PREFIX = "step_"
+
+
+def step_dir(out_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` of the run in ``out_dir`` lives (zero-padded so names sort by step)."""
+    return Path(out_dir) / CHECKPOINTS / f"{_STEP_PREFIX}{step:08d}"
+
+
+def step_of(checkpoint: str | Path) -> int:
+    return int(Path(checkpoint).name[len(_STEP_PREFIX) :])
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
@@ -41,8 +51,8 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_STEP_PREFIX) and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
 
 
 def latest(out_dir: str | Path) -> Path | None:
@@ -147,9 +157,9 @@ def save(
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep``."""
-    root = Path(out_dir) / CHECKPOINTS
+    final = step_dir(out_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     if final.exists():
         return final
     tensors: dict[str, torch.Tensor] = {}
@@ -161,7 +171,7 @@ def save(
         _flatten_optimizer(name, optimizer, tensors, optim_meta)
     sidecar = {"format": FORMAT, "step": step, **state, "optimizers": optim_meta}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         save_file(_for_safetensors(tensors), tmp / WEIGHTS, metadata={"format": "pt", "step": str(step)})
         (tmp / STATE).write_text(json.dumps(sidecar) + "\n")

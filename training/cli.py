@@ -1,4 +1,4 @@
-"""``snapgen train STAGE --config FILE [--resume] [--max-steps N] [--out DIR] [--export-checkpoint STEP]``.
+"""``snapgen train STAGE --config FILE [--max-steps N] [--out DIR] [--resume | --export-checkpoint STEP]``.
 
 Single process: ``snapgen train pretrain --config configs/micro/pretrain.yaml``.
 Several processes / GPUs: ``torchrun --nproc_per_node 8 -m snapgen.cli train pretrain --config ...``
@@ -17,10 +17,13 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train one stage of the recipe from a YAML config")
     p.add_argument("stage", choices=list(STAGES), help="the stage to train")
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/ and docs/training.md)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     p.add_argument("--max-steps", type=int, help="override max_steps")
     p.add_argument("--out", type=Path, help="override out_dir")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output directory"
+    )
+    start.add_argument(
         "--export-checkpoint",
         type=int,
         metavar="STEP",

@@ -158,7 +158,7 @@ class Trainer:
         return found
 
     def _find_checkpoint(self, step: int) -> Path:
-        found = {int(p.name.split("_")[1]): p for p in checkpoint.checkpoint_dirs(self.out_dir)}
+        found = {checkpoint.step_of(p): p for p in checkpoint.checkpoint_dirs(self.out_dir)}
         if step not in found:
             have = ", ".join(map(str, found)) or "none"
             where = self.out_dir / checkpoint.CHECKPOINTS

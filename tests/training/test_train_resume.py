@@ -92,6 +92,11 @@ def test_export_checkpoint_exports_an_older_step_and_leaves_the_run_alone(straig
     err = capsys.readouterr().err
     assert "no checkpoint at step 20 in" in err and "(steps: 15, 30)" in err
 
+    with pytest.raises(SystemExit) as exit_:  # exporting resumes nothing: combining the two is refused
+        main(["train", "pretrain", "--config", str(path), "--out", str(run), "--resume", "--export-checkpoint", "15"])
+    assert exit_.value.code == 2
+    assert "--export-checkpoint: not allowed with argument --resume" in capsys.readouterr().err
+
 
 def test_killed_run_leaves_a_readable_checkpoint_and_resumes(micro_root, tmp_path):
     out = tmp_path / "killed"
