@@ -174,6 +174,36 @@ def test_the_target_can_span_several_teacher_steps(ladd_parts):
     assert not torch.allclose(target, uncond + 3.0 * (cond - uncond), atol=1e-3)
 
 
+def test_rollout_inputs_are_the_students_own_sampling_path(ladd_parts):
+    """With ``student_inputs: rollout`` the student's input at the k-th time of its schedule is
+    where its own k Euler steps from the sample's noise lead, not noised data."""
+    from training.data import build_dataset, collate
+
+    stage, config = ladd_stage(ladd_parts, student_inputs="rollout", student_steps=[4])
+    batch = collate([build_dataset(config.data, 32)[i] for i in range(4)])
+    torch.manual_seed(1)
+    g = stage._generate(batch)
+    tau = flow_timesteps(4, 3.0)[:-1].float()
+    index = [int((tau - t).abs().argmin()) for t in g["t"]]
+    assert max(index) > 0 and min(index) < max(index)  # this seed draws several times
+    text = stage.inputs.text(batch, 0.0)
+    with torch.no_grad():
+        for i, k in enumerate(index):
+            x = g["noise"][i : i + 1]
+            for j in range(k):
+                v = stage.model["net"](x, tau[j : j + 1], text.tokens[i : i + 1], text.mask[i : i + 1],
+                                       text.pooled[i : i + 1]).sample
+                x = x + (tau[j + 1] - tau[j]) * v
+            torch.testing.assert_close(g["x_t"][i : i + 1], x, rtol=1e-4, atol=1e-5)
+    noised = (1 - g["t"]).view(-1, 1, 1, 1) * g["x0"] + g["t"].view(-1, 1, 1, 1) * g["noise"]
+    later = torch.tensor(index) > 0
+    assert not torch.allclose(g["x_t"][later], noised[later], atol=1e-2)  # not the data path
+    # The student's output and the loss are computed at those inputs, with a gradient.
+    loss, metrics = stage.loss("generator", batch, 0)
+    loss.backward()
+    assert all(p.grad is not None for p in stage.model["net"].parameters() if p.requires_grad)
+
+
 def test_a_unet_model_directory_can_be_the_distillation_target(ladd_parts):
     """``distill_teacher`` may be a snapgen model directory (e.g. the 28-step student when it beats
     the small MMDiT): the target is then that U-Net's guided velocity; the MMDiT still discriminates."""

@@ -8,6 +8,7 @@ Per step, for real latents ``x0`` and captions ``c``:
 
     N ~ student_steps, k ~ U{0..N-1}, t = tau_N[k]          tau_N = flow_timesteps(N, sample_shift)[:-1]
     x_t = (1 - t) x0 + t eps,   x0_hat = x_t - t v_S(x_t, t, c)          one student step
+        (student_inputs "rollout": x_t = the student's own k Euler steps from eps, without grad)
     t' ~ logit-normal(renoise_mean, renoise_std)                         high noise, as SD3-Turbo
     real = (1 - t') x0 + t' eps',   fake = (1 - t') x0_hat + t' eps'     same t' and eps'
     D(z) = heads(teacher blocks at (z, t', c), t')
@@ -25,6 +26,11 @@ student's point. The paper's output distillation reads a few-step teacher (SD3.5
 whose one step already spans the student's; without one, K > 1 makes the 28-step teacher's
 several steps that target.
 
+``student_inputs: rollout`` trains the student where it samples from: after its first step a
+few-step sampler never sees data noised to ``t`` but its own earlier outputs, whose errors the
+noised-data inputs never show it (DMD2's "backward simulation"). The distillation target then
+starts from the student's state, so its later steps learn to correct what its earlier ones miss.
+
 Re-noising both to the same high ``t'`` makes the discriminator judge the global layout (what a
 few-step sampler gets wrong) rather than pixel noise, and gives real and fake overlapping
 supports. The distillation term (output KD against ``distill_teacher``, default the teacher)
@@ -39,6 +45,7 @@ samples at exactly the trained times.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -78,6 +85,8 @@ class LADDOptions(FlowOptions):
     distill_guidance: float = Field(1.0, ge=0)
     # Teacher steps over the whole schedule that the target spans (v* above); None: one per step.
     distill_teacher_steps: int | None = Field(None, gt=0)
+    # Where the student's inputs x_t come from: noised data, or its own sampling trajectory.
+    student_inputs: Literal["data", "rollout"] = "data"
     renoise_mean: float = 1.0  # t' = sigmoid(renoise_mean + renoise_std * n): mostly high noise
     renoise_std: float = Field(1.0, gt=0)
     # Few-step samplers are used without guidance; the export's defaults.
@@ -185,13 +194,21 @@ class LADDStage(PretrainStage):
         index = torch.randint(len(schedule), (n,), device=schedule.device)
         t = schedule[index]
         noise = torch.randn_like(x0)
-        x_t = interpolate(x0, noise, t)
         batch = drop_captions(batch, self.inputs, o.cfg_dropout)
         text = self.inputs.text(batch, 0.0)
-        v = self.model["net"](x_t, t, text.tokens, text.mask, text.pooled).sample
+
+        def student(x, t):
+            return self.model["net"](x, t, text.tokens, text.mask, text.pooled).sample
+
+        if o.student_inputs == "rollout":
+            x_t = self._rollout(student, noise, schedule, index)
+        else:
+            x_t = interpolate(x0, noise, t)
+        v = student(x_t, t)
         teacher_text = self.teacher_text(batch, text)
         return {
             "x0": x0,
+            "noise": noise,
             "x_t": x_t,
             "t": t,
             "segment": self.segments[steps][index],
@@ -203,6 +220,15 @@ class LADDStage(PretrainStage):
             "t_renoise": sample_logit_normal(n, o.renoise_mean, o.renoise_std, device=x0.device),
             "eps_renoise": torch.randn_like(x0),
         }
+
+    @torch.no_grad()
+    def _rollout(self, student, noise: torch.Tensor, schedule: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Each sample's state at ``schedule[index]`` on the student's own Euler path from ``noise``."""
+        states = [noise]
+        last = int(index.max())
+        if last > 0:
+            sample_euler(student, noise, schedule[: last + 1], on_step=lambda i, n, x: states.append(x))
+        return torch.stack(states)[index, torch.arange(len(index), device=index.device)]
 
     def loss(self, name: str, batch: Batch, step: int):
         if name == "generator":
