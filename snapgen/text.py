@@ -82,6 +82,12 @@ class TextEmbeddings:
                 f"pooled must be (B, P) with B={self.tokens.shape[0]}, got {tuple(self.pooled.shape)}"
             )
 
+    def select(self, rows: torch.Tensor) -> TextEmbeddings:
+        """The batch rows ``rows`` (indices or a bool mask)."""
+        return TextEmbeddings(
+            tokens=self.tokens[rows], mask=self.mask[rows], pooled=None if self.pooled is None else self.pooled[rows]
+        )
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> TextEmbeddings:

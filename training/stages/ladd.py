@@ -196,15 +196,11 @@ class LADDStage(PretrainStage):
         noise = torch.randn_like(x0)
         batch = drop_captions(batch, self.inputs, o.cfg_dropout)
         text = self.inputs.text(batch, 0.0)
-
-        def student(x, t):
-            return self.model["net"](x, t, text.tokens, text.mask, text.pooled).sample
-
         if o.student_inputs == "rollout":
-            x_t = self._rollout(student, noise, schedule, index)
+            x_t = self._rollout(text, noise, schedule, index)
         else:
             x_t = interpolate(x0, noise, t)
-        v = student(x_t, t)
+        v = self._student(x_t, t, text)
         teacher_text = self.teacher_text(batch, text)
         return {
             "x0": x0,
@@ -221,14 +217,18 @@ class LADDStage(PretrainStage):
             "eps_renoise": torch.randn_like(x0),
         }
 
+    def _student(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.model["net"](x, t, text.tokens, text.mask, text.pooled).sample
+
     @torch.no_grad()
-    def _rollout(self, student, noise: torch.Tensor, schedule: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _rollout(self, text, noise: torch.Tensor, schedule: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Each sample's state at ``schedule[index]`` on the student's own Euler path from ``noise``."""
-        states = [noise]
-        last = int(index.max())
-        if last > 0:
-            sample_euler(student, noise, schedule[: last + 1], on_step=lambda i, n, x: states.append(x))
-        return torch.stack(states)[index, torch.arange(len(index), device=index.device)]
+        x = noise.clone()
+        for j in range(int(index.max())):
+            moving = index > j  # only the samples whose time lies past schedule[j] take this step
+            rows = text.select(moving)
+            x[moving] = sample_euler(lambda z, t, rows=rows: self._student(z, t, rows), x[moving], schedule[j : j + 2])
+        return x
 
     def loss(self, name: str, batch: Batch, step: int):
         if name == "generator":
