@@ -89,6 +89,14 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("ladd4-long64", "the 16-step spanning LADD from the long-64 px parent", "tiny v2"),
     ("ladd8-long64", "the 16-step spanning LADD from the long-64 px parent", "tiny v2"),
     ("ladd4-long64-200", "that LADD at step 200 of 300 (`--export-checkpoint 200`)", "tiny v2"),
+    # Session 15: the same LADD on the parent's category weights (counting x2), then on the student's own path.
+    ("ladd4-long64-c2", "that LADD with counting weighted 2, as the parent", "tiny v2"),
+    ("ladd8-long64-c2", "that LADD with counting weighted 2, as the parent", "tiny v2"),
+    ("ladd4-long64-c2-200", "that LADD at step 200 of 300", "tiny v2"),
+    ("ladd4-long64-rollout", "that LADD with counting x2, trained on its own sampling path (`student_inputs: rollout`)",
+     "tiny v2"),
+    ("ladd8-long64-rollout", "that LADD with counting x2, trained on its own sampling path (`student_inputs: rollout`)",
+     "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
