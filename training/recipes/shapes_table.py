@@ -97,6 +97,7 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
      "tiny v2"),
     ("ladd8-long64-rollout", "that LADD with counting x2, trained on its own sampling path (`student_inputs: rollout`)",
      "tiny v2"),
+    ("ladd4-long64-rollout-200", "the rollout LADD at step 200 of 300", "tiny v2"),
 ]
 CATEGORIES = ("single", "two", "count", "position")
 
