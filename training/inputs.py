@@ -251,12 +251,7 @@ class FlowInputs:
         if self.text_table is not None and "text_ids" in batch:
             ids = batch["text_ids"].to(self.device).clone()
             ids[dropped.to(self.device)] = self.empty_text_id
-            table = self.text_table
-            return TextEmbeddings(
-                tokens=table.tokens[ids],
-                mask=table.mask[ids],
-                pooled=None if table.pooled is None else table.pooled[ids],
-            )
+            return self.text_table.select(ids)
         captions = ["" if d else c for c, d in zip(batch["captions"], dropped.tolist())]
         return self.encode_prompts(captions)
 
