@@ -177,6 +177,7 @@ def test_the_target_can_span_several_teacher_steps(ladd_parts):
 def test_rollout_inputs_are_the_students_own_sampling_path(ladd_parts):
     """With ``student_inputs: rollout`` the student's input at the k-th time of its schedule is
     where its own k Euler steps from the sample's noise lead, not noised data."""
+    from snapgen.flow import interpolate
     from training.data import build_dataset, collate
 
     stage, config = ladd_stage(ladd_parts, student_inputs="rollout", student_steps=[4])
@@ -195,7 +196,7 @@ def test_rollout_inputs_are_the_students_own_sampling_path(ladd_parts):
                                        text.pooled[i : i + 1]).sample
                 x = x + (tau[j + 1] - tau[j]) * v
             torch.testing.assert_close(g["x_t"][i : i + 1], x, rtol=1e-4, atol=1e-5)
-    noised = (1 - g["t"]).view(-1, 1, 1, 1) * g["x0"] + g["t"].view(-1, 1, 1, 1) * g["noise"]
+    noised = interpolate(g["x0"], g["noise"], g["t"])
     later = torch.tensor(index) > 0
     assert not torch.allclose(g["x_t"][later], noised[later], atol=1e-2)  # not the data path
     # The student's output and the loss are computed at those inputs, with a gradient.
