@@ -32,7 +32,7 @@ from training.shapesbench import (
     scene_for_prompt,
 )
 from training.shapesbench.robustness import DEGRADATIONS
-from training.shapesbench.spec import OPPOSITE
+from training.shapesbench.spec import HELD_OUT_PAIRS, OPPOSITE
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -336,7 +336,8 @@ class OraclePipeline:
             if self.swap_relations and parsed.category == "position":  # right objects and axis, wrong order
                 prompt = format_prompt(dataclasses.replace(parsed, relation=OPPOSITE[parsed.relation]))
             scene = scene_for_prompt(np.random.default_rng(seed), prompt)
-            images.append(render_scene(with_objects(scene, scene.objects[:-1]) if self.wrong else scene))
+            wrong = self.wrong(parsed) if callable(self.wrong) else self.wrong
+            images.append(render_scene(with_objects(scene, scene.objects[:-1]) if wrong else scene))
         return type("Output", (), {"images": images})
 
 
@@ -357,9 +358,29 @@ def test_evaluate_scores_an_oracle_perfectly_and_a_wrong_model_at_zero():
     wrong = evaluate(OraclePipeline(wrong=True), n=24, steps=2, seed=7, progress=False)
     assert wrong["overall"] == 0.0 and wrong["held_out"]["overall"] == 0.0
     assert wrong["relations"] == {"position_prompts": 6, "pairs": 0, "asked": 0, "opposite": 0}
+    compositions = report["held_out"]["compositions"]
+    assert set(compositions) == {f"{c} {s}" for c, s in HELD_OUT_PAIRS}
+    assert all(c["correct"] == c["total"] for c in compositions.values())
+    assert sum(c["total"] for c in compositions.values()) >= 6
     swapped = evaluate(OraclePipeline(swap_relations=True), n=24, steps=2, seed=7, progress=False)
     assert swapped["accuracy"]["position"] == 0.0 and swapped["accuracy"]["two"] == 1.0
     assert swapped["relations"] == {"position_prompts": 6, "pairs": 6, "asked": 0, "opposite": 6}
+
+
+def test_held_out_compositions_say_which_pair_fails():
+    from training.shapesbench import evaluate
+
+    failing = HELD_OUT_PAIRS[0]
+    report = evaluate(OraclePipeline(wrong=lambda prompt: failing in prompt.objects), n=8, n_held_out=40,
+                      steps=1, seed=3, progress=False)  # fmt: skip
+    held = [r for r in report["records"] if r["held_out"]]
+    names = {pair: [pair in parse_prompt(r["prompt"]).objects for r in held] for pair in HELD_OUT_PAIRS}
+    compositions = report["held_out"]["compositions"]
+    assert compositions[" ".join(failing)] == {"correct": 0, "total": sum(names[failing])} and sum(names[failing])
+    for pair in HELD_OUT_PAIRS[1:]:
+        both = sum(a and b for a, b in zip(names[pair], names[failing]))
+        assert compositions[" ".join(pair)] == {"correct": sum(names[pair]) - both, "total": sum(names[pair])}
+    assert report["overall"] == 1.0  # the main block never names a held-out pair
 
 
 def test_cli_render_writes_pictures_captions_and_metadata(tmp_path, capsys):
@@ -412,8 +433,12 @@ def test_cli_eval_shapes_end_to_end(tiny_model, tmp_path, capsys):
     report_path = tmp_path / "eval" / "report.json"
     args = ["eval", "shapes", "--model", str(tiny_model), "--steps", "1", "--n", "8", "--batch-size", "5"]
     assert main([*args, "--out", str(report_path)]) == 0
-    assert "ShapesBench overall" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
+    assert "ShapesBench overall" in printed
+    compositions = report["held_out"]["compositions"]
+    counts = ", ".join(f"{name} {c['correct']}/{c['total']}" for name, c in compositions.items())
+    assert f"held-out compositions: {counts}" in printed
     grid = Image.open(report_path.with_name("report.grid.png"))
     assert grid.size[0] > 4 * 128 and report["grid"] == "report.grid.png"
     assert report["n"] == 8 and report["n_held_out"] == 2 and report["steps"] == 1

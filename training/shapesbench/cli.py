@@ -232,6 +232,10 @@ def cmd_eval_shapes(args) -> None:
 
     parts = ", ".join(f"{c} {pct(a)}" for c, a in report["accuracy"].items())
     print(f"ShapesBench overall {pct(report['overall'])} ({parts}); held-out {pct(report['held_out']['overall'])}")
+    compositions = report["held_out"]["compositions"]
+    if any(c["total"] for c in compositions.values()):
+        counts = ", ".join(f"{name} {c['correct']}/{c['total']}" for name, c in compositions.items())
+        print(f"held-out compositions: {counts}")
     rel = report["relations"]
     if rel["position_prompts"]:
         print(f"position: each object drawn once in {rel['pairs']} of {rel['position_prompts']}; of those, "

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import judging as judge_module
 from .judging import judge
 from .render import sample_prompt
-from .spec import CATEGORIES, IMAGE_SIZE, OPPOSITE, SPEC_VERSION, parse_prompt, relation_holds
+from .spec import CATEGORIES, HELD_OUT_PAIRS, IMAGE_SIZE, OPPOSITE, SPEC_VERSION, parse_prompt, relation_holds
 
 MAX_SEED = 2**32 - 1
 
@@ -48,6 +48,17 @@ def _summary(records: list[dict]) -> dict:
     present = [a for a in accuracy.values() if a is not None]
     overall = sum(present) / len(present) if present else None
     return {"accuracy": accuracy, "overall": overall, "counts": counts}
+
+
+def composition_breakdown(records: list[dict]) -> dict:
+    """Which held-out composition fails: for each held-out (colour, shape) pair, the held-out records
+    whose prompt names it (``total``) and how many of those were judged correct. A prompt naming two
+    held-out pairs counts for both, so the totals can add up to more than the records."""
+    breakdown = {}
+    for color, shape in HELD_OUT_PAIRS:
+        mine = [r["correct"] for r in records if (color, shape) in parse_prompt(r["prompt"]).objects]
+        breakdown[f"{color} {shape}"] = {"correct": int(sum(mine)), "total": len(mine)}
+    return breakdown
 
 
 def relation_breakdown(records: list[dict]) -> dict:
@@ -89,7 +100,8 @@ def evaluate(
     Image ``i`` of the list starts from the portable noise of seed ``seed + i``; ``steps`` and
     ``guidance_scale`` default to the model's. The report (JSON-ready): ``accuracy`` per category and
     ``overall`` (the mean of the four) on the main block, the same under ``held_out`` for the
-    held-out block, and ``records`` (one per prompt: prompt, category, seed, correct, judge details).
+    held-out block (with ``compositions``: see ``composition_breakdown``), and ``records`` (one per
+    prompt: prompt, category, seed, correct, judge details).
     ``on_image(i, record, image)`` sees every generated image (e.g. to save or tile them)."""
     from tqdm import tqdm
 
@@ -130,7 +142,8 @@ def evaluate(
             bar.update(len(batch))
 
     main = _summary([r for r in records if not r["held_out"]])
-    held = _summary([r for r in records if r["held_out"]])
+    held_records = [r for r in records if r["held_out"]]
+    held = {**_summary(held_records), "compositions": composition_breakdown(held_records)}
     return {
         "benchmark": "shapesbench",
         "spec_version": SPEC_VERSION,
