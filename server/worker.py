@@ -563,10 +563,6 @@ def run_worker_process(settings) -> int:
     from . import metrics
     from .queue import RedisJobQueue
 
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
     queue = RedisJobQueue.from_settings(settings)
     worker = build_worker(queue, settings, settings.worker_name)
     worker.install_signal_handlers()
