@@ -98,7 +98,7 @@ TRIALS = [  # runs outside the recipe, one change each; docs/results.md names th
     ("ladd8-long64-rollout", "that LADD with counting x2, trained on its own sampling path (`student_inputs: rollout`)",
      "tiny v2"),
     ("ladd4-long64-rollout-200", "the rollout LADD at step 200 of 300", "tiny v2"),
-    # Session 16: the rollout LADD student sampled with guidance; weight interpolation (WiSE-FT) between the rollout LADD student and its parent.
+    # Session 16: the rollout LADD student sampled with guidance, and weight mixes (WiSE-FT) with its parent.
     ("ladd4g1.5-long64-rollout", "the rollout LADD student, sampled with guidance 1.5", "tiny v2"),
     ("ladd4g2-long64-rollout", "the rollout LADD student, sampled with guidance 2", "tiny v2"),
     ("wise4-rollout-0.75", "0.75 x the rollout LADD student + 0.25 x its parent (weights)", "tiny v2"),
