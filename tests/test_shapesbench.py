@@ -355,13 +355,13 @@ def test_evaluate_scores_an_oracle_perfectly_and_a_wrong_model_at_zero():
     assert oracle.calls[1][1] == list(range(17, 27)) and oracle.calls[0][2:] == (2, 1.0)
     json.dumps(report)  # JSON-ready
     assert report["relations"] == {"position_prompts": 6, "pairs": 6, "asked": 6, "opposite": 0}
-    wrong = evaluate(OraclePipeline(wrong=True), n=24, steps=2, seed=7, progress=False)
-    assert wrong["overall"] == 0.0 and wrong["held_out"]["overall"] == 0.0
-    assert wrong["relations"] == {"position_prompts": 6, "pairs": 0, "asked": 0, "opposite": 0}
     compositions = report["held_out"]["compositions"]
     assert set(compositions) == {f"{c} {s}" for c, s in HELD_OUT_PAIRS}
     assert all(c["correct"] == c["total"] for c in compositions.values())
-    assert sum(c["total"] for c in compositions.values()) >= 6
+    assert sum(c["total"] for c in compositions.values()) >= 6  # each held-out prompt names one or two
+    wrong = evaluate(OraclePipeline(wrong=True), n=24, steps=2, seed=7, progress=False)
+    assert wrong["overall"] == 0.0 and wrong["held_out"]["overall"] == 0.0
+    assert wrong["relations"] == {"position_prompts": 6, "pairs": 0, "asked": 0, "opposite": 0}
     swapped = evaluate(OraclePipeline(swap_relations=True), n=24, steps=2, seed=7, progress=False)
     assert swapped["accuracy"]["position"] == 0.0 and swapped["accuracy"]["two"] == 1.0
     assert swapped["relations"] == {"position_prompts": 6, "pairs": 6, "asked": 0, "opposite": 6}
