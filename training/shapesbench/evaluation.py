@@ -54,9 +54,10 @@ def composition_breakdown(records: list[dict]) -> dict:
     """Which held-out composition fails: for each held-out (colour, shape) pair, the held-out records
     whose prompt names it (``total``) and how many of those were judged correct. A prompt naming two
     held-out pairs counts for both, so the totals can add up to more than the records."""
+    named = [(r["correct"], parse_prompt(r["prompt"]).objects) for r in records]
     breakdown = {}
     for color, shape in HELD_OUT_PAIRS:
-        mine = [r["correct"] for r in records if (color, shape) in parse_prompt(r["prompt"]).objects]
+        mine = [correct for correct, objects in named if (color, shape) in objects]
         breakdown[f"{color} {shape}"] = {"correct": int(sum(mine)), "total": len(mine)}
     return breakdown
 
