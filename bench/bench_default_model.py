@@ -11,7 +11,7 @@
 
 Usage::
 
-    .venv/bin/python bench/bench_default_model.py                          # default model
+    .venv/bin/python bench/bench_default_model.py                          # default model, its own autoencoder/
     .venv/bin/python bench/bench_default_model.py --model DIR --autoencoder runs/shapes/autoencoder/autoencoder
     .venv/bin/python bench/bench_default_model.py --out docs/results.md    # + results section
 
@@ -169,8 +169,9 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the embedded one)")
-    parser.add_argument("--autoencoder", type=Path, default=REPO / "runs/shapes/autoencoder/autoencoder",
-                        help="the autoencoder whose full decoder the tiny one is compared with")
+    parser.add_argument("--autoencoder", type=Path, default=None,
+                        help="the autoencoder whose full decoder the tiny one is compared with (default: the "
+                             "model's own autoencoder/, else the recipe's runs/shapes/autoencoder/autoencoder)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--images", type=int, default=64)
@@ -180,6 +181,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or default_model_dir()
+    if args.autoencoder is None:
+        shipped = model_dir / "autoencoder"
+        args.autoencoder = shipped if shipped.is_dir() else REPO / "runs/shapes/autoencoder/autoencoder"
     if not args.autoencoder.is_dir():
         parser.error(f"--autoencoder {args.autoencoder}: no such directory (train it with training/recipes/shapes.sh)")
 
