@@ -7,6 +7,8 @@ Waits are condition polls with deadlines (generous: the CI machine has two share
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -19,11 +21,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 300.0  # model loading under a loaded 2-core machine
 JOB_TIMEOUT = 120.0
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def assert_same_picture(b64_a: str, b64_b: str) -> None:
+    """The same seed in batches of different sizes: equal up to one grey level, not always in bytes.
+
+    CPU BLAS kernels may sum in an order that depends on the batch size (seen on AVX-512 machines).
+    """
+    a, b = (np.asarray(decode(x), dtype=int) for x in (b64_a, b64_b))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 def free_port() -> int:
@@ -156,8 +173,17 @@ def snapgen(*args: str) -> list[str]:
     return [sys.executable, "-m", "snapgen.cli", *args]
 
 
-def sse_events(client: httpx.Client, path: str, until: set[str] | None = None, timeout: float = JOB_TIMEOUT):
-    """Read server-sent events from ``path`` until the stream ends (or an event in ``until``)."""
+def sse_events(
+    client: httpx.Client,
+    path: str,
+    until: set[str] | None = None,
+    timeout: float = JOB_TIMEOUT,
+    after_first: Callable[[], None] | None = None,
+):
+    """Read server-sent events from ``path`` until the stream ends (or an event in ``until``).
+
+    ``after_first`` runs once the first event has arrived, i.e. once the stream is surely subscribed.
+    """
     events = []
     with client.stream("GET", path, timeout=timeout) as response:
         assert response.status_code == 200, response.read()
@@ -170,6 +196,8 @@ def sse_events(client: httpx.Client, path: str, until: set[str] | None = None, t
                 data.append(line[5:].strip())
             elif line == "" and name is not None:
                 events.append((name, json.loads("\n".join(data))))
+                if after_first is not None and len(events) == 1:
+                    after_first()
                 if until and name in until:
                     break
                 name, data = None, []

@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
-from server_harness import finished, metric_values, sse_events, wait_job
+from server_harness import assert_same_picture, decode, finished, metric_values, sse_events, wait_job
 
 JSON = {"Content-Type": "application/json"}
 ASYNC = {"Prefer": "respond-async"}
@@ -33,10 +33,6 @@ def submit(client, **body) -> str:
     response = client.post("/v1/generate", json=body, headers=ASYNC)
     assert response.status_code == 202, response.text
     return response.json()["id"]
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def blocker(client, steps=50) -> str:
@@ -69,10 +65,13 @@ def test_sync_generate_returns_seeded_deterministic_images(client):
     assert set(body["timings"]) == {"queue_s", "text_s", "unet_s", "decode_s", "total_s"}
     assert body["timings"]["total_s"] >= body["timings"]["unet_s"] > 0
     assert response.headers["location"] == f"/v1/jobs/{body['id']}"
-    # Same seed, same bytes; image 1 of the batch is image 0 of seed 8.
+    # The same request again: the same bytes.
+    repeat = generate(client, seed=7, n=2).json()
+    assert [d["b64_json"] for d in repeat["data"]] == [d["b64_json"] for d in body["data"]]
+    # Image 1 of the batch is image 0 of seed 8.
     again = generate(client, seed=8).json()
-    assert again["data"][0]["b64_json"] == body["data"][1]["b64_json"]
-    assert again["id"] != body["id"]
+    assert_same_picture(again["data"][0]["b64_json"], body["data"][1]["b64_json"])
+    assert again["id"] not in (body["id"], repeat["id"])
     # No seed: a random one is drawn and returned.
     drawn = generate(client).json()["data"][0]["seed"]
     assert 0 <= drawn < 2**32
@@ -117,12 +116,17 @@ def test_async_job_and_polling(client):
 
 
 def test_server_sent_events(client):
-    job_id = submit(client, prompt="a green triangle", steps=4)
-    events = sse_events(client, f"/v1/jobs/{job_id}/events")
+    # The job waits behind a blocker until the stream is subscribed, so no progress can be missed.
+    running = blocker(client)
+    job_id = submit(client, prompt="a green triangle", steps=12)
+    events = sse_events(
+        client, f"/v1/jobs/{job_id}/events", after_first=lambda: client.delete(f"/v1/jobs/{running}").raise_for_status()
+    )
     names = [name for name, _ in events]
-    assert names[-1] == "result" and "status" in names
+    assert names[0] == "status" and events[0][1]["status"] == "queued"
+    assert names[-1] == "result" and names.count("status") >= 2
     steps = [data["step"] for name, data in events if name == "progress"]
-    assert steps == sorted(steps) and steps and steps[-1] <= 4
+    assert steps == sorted(steps) and steps and steps[-1] <= 12
     final = events[-1][1]
     assert final["status"] == "succeeded" and final["result"]["data"][0]["b64_json"]
     # A finished job's stream is just its final state.
