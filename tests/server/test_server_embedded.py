@@ -68,9 +68,11 @@ def test_sync_generate_returns_seeded_deterministic_images(client):
     # The same request again: the same bytes.
     repeat = generate(client, seed=7, n=2).json()
     assert [d["b64_json"] for d in repeat["data"]] == [d["b64_json"] for d in body["data"]]
-    # Image 1 of the batch is image 0 of seed 8.
+    # Image 1 of the batch is image 0 of seed 8, and not seed 7's picture.
     again = generate(client, seed=8).json()
     assert_same_picture(again["data"][0]["b64_json"], body["data"][1]["b64_json"])
+    with pytest.raises(AssertionError):
+        assert_same_picture(again["data"][0]["b64_json"], body["data"][0]["b64_json"])
     assert again["id"] not in (body["id"], repeat["id"])
     # No seed: a random one is drawn and returned.
     drawn = generate(client).json()["data"][0]["seed"]
