@@ -755,7 +755,8 @@ def _ladder_table(ladder: dict) -> list[str]:
 
 START, END = "<!-- bench_efficiency:start -->", "<!-- bench_efficiency:end -->"
 
-# Issue 2's targets: (what, baseline name, resolution or None for the largest measured, minimum speed-up).
+# The efficiency targets the model is held to:
+# (what, baseline name, resolution or None for the largest measured, minimum speed-up).
 TARGETS = [
     ("SnapGen U-Net at least 5x faster per step than SDXL's at 1024 px", "SDXL U-Net (diffusers)", 1024, 5.0),
     ("tiny decoder at least 50x faster than SDXL's VAE decoder", "SDXL VAE decoder (AutoencoderKL)", None, 50.0),

@@ -165,7 +165,8 @@ def bench_server_backend(warmup: int, runs: int) -> dict:
     """The server worker's engine (``TorchBackend.generate``) on the GPU, in each of its GPU modes."""
     import numpy as np
 
-    from server.backends import Batch, TorchBackend
+    from server.backends import TorchBackend
+    from snapgen.request import GenerationRequest
 
     prompts = ["a red circle to the left of a blue square", "three green triangles"] * 4
     modes = {  # name: (TorchBackend options, the mode whose images a trace must equal bit for bit)
@@ -181,8 +182,7 @@ def bench_server_backend(warmup: int, runs: int) -> dict:
         backend = TorchBackend(default_model_dir(), device="cuda", **options)
         row = {}
         for batch in (1, 8):
-            job = Batch(prompts=prompts[:batch], seeds=list(range(batch)), steps=4, guidance_scale=1.0,
-                        height=128, width=128)  # fmt: skip
+            job = backend.resolve(GenerationRequest(prompts[:batch], seed=0, steps=4, guidance_scale=1.0))
             row[f"batch{batch}_ms"] = cuda_ms(lambda j=job, b=backend: b.generate(j), warmup, runs)
         images = np.stack(backend.generate(job).images).astype(np.int16)
         if reference is None:

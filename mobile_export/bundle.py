@@ -270,12 +270,12 @@ def golden_reference(pipeline, prompt: str, seed: int, steps: int, resolution: i
     f = pipeline.latent_factor
     shape = (pipeline.unet.config.in_channels, resolution // f, resolution // f)
     out = pipeline(prompt, seeds=seed, steps=steps, height=resolution, width=resolution)
-    text = pipeline.encode_prompts([prompt])
+    text = pipeline.encode_text([prompt])
     noise = randn_tensor([seed], shape)
     timesteps = pipeline.sampler.timesteps(steps, resolution, resolution)
     # The first step's (guided) velocity, computed the way the sampler computes it.
     guidance = pipeline.sampler.guidance_scale
-    uncond = pipeline.encode_prompts([""]) if guidance != 1.0 else None
+    uncond = pipeline.encode_text([""]) if guidance != 1.0 else None
     velocity = guided(pipeline.velocity_fn(text, uncond), guidance)
     with torch.no_grad():
         v0 = velocity(noise, torch.full((1,), float(timesteps[0]), dtype=torch.float32))

@@ -41,10 +41,10 @@ def exported_metrics() -> set[str]:
     for collector in list(REGISTRY._collector_to_names):  # the registered collectors
         families.extend(collector.describe() if hasattr(collector, "describe") else collector.collect())
 
-    class _Stats:  # a queue snapshot with one worker, to list the queue-wide gauges
-        queued, running, workers = 0, 0, {"w": {"ts": 0}}
+    from server.queue import QueueStats
 
-    families.extend(metrics._Snapshot(_Stats(), True).collect())
+    snapshot = QueueStats(queued=0, running=0, workers={"w": {"ts": 0}}, model=None)  # lists the queue-wide gauges
+    families.extend(metrics._Snapshot(snapshot, True).collect())
     names: set[str] = set()
     for family in families:
         if not family.name.startswith("snapgen_"):

@@ -105,8 +105,8 @@ def _model_dir(settings):
     directory = default_model_dir()
     if not (directory / "model_index.json").is_file():
         raise CLIError(
-            f"the embedded default model is not installed at {directory} (it ships with the trained model, "
-            "issue 4); pass --model DIR or set SNAPGEN_MODEL (a random test model: `snapgen init-model --out DIR`)"
+            f"the embedded default model is not installed at {directory} (it ships with the package); "
+            "pass --model DIR or set SNAPGEN_MODEL (a random test model: `snapgen init-model --out DIR`)"
         )
     return directory
 

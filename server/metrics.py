@@ -13,7 +13,8 @@ Workers:       snapgen_e2e_latency_seconds, snapgen_queue_wait_seconds, snapgen_
                snapgen_batch_size, snapgen_images_generated_total, snapgen_jobs_finished_total{status},
                snapgen_jobs_redelivered_total, snapgen_jobs_dead_lettered_total
 From the queue: snapgen_queue_up, snapgen_queue_depth, snapgen_jobs_in_flight, snapgen_workers,
-               snapgen_worker_heartbeat_timestamp_seconds{worker}
+               snapgen_worker_heartbeat_timestamp_seconds{worker}, snapgen_results_retained,
+               snapgen_results_retained_bytes, snapgen_results_evicted_total
 (In the embedded mode the worker runs inside the API process, so its metrics are at /metrics too.)
 """
 
@@ -33,7 +34,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -134,6 +135,19 @@ class _Snapshot:
         for name, info in sorted(self.stats.workers.items()):
             beats.add_metric([name], float(info.get("ts", 0)))
         yield beats
+        # Retention: the queue keeps the totals (in Redis: for the whole cluster), so every process agrees.
+        retained = GaugeMetricFamily("snapgen_results_retained", "finished jobs whose results are kept")
+        retained.add_metric([], self.stats.retained_jobs)
+        yield retained
+        retained_bytes = GaugeMetricFamily("snapgen_results_retained_bytes", "bytes of the finished jobs kept")
+        retained_bytes.add_metric([], self.stats.retained_bytes)
+        yield retained_bytes
+        evicted = CounterMetricFamily(
+            "snapgen_results_evicted",
+            "finished jobs deleted before their TTL to stay within SNAPGEN_RESULT_MAX_JOBS / SNAPGEN_RESULT_MAX_BYTES",
+        )
+        evicted.add_metric([], self.stats.evicted)
+        yield evicted
 
 
 def render(stats, up: bool) -> tuple[bytes, str]:

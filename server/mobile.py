@@ -121,24 +121,45 @@ class BundleStore:
         )
 
 
+_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+
+
+def _position(digits: str, size: int) -> int:
+    """A byte position, capped at ``size``: every position at or past the end means the same.
+
+    A client may send any number of digits, and int() refuses more than 4300 of them, so a
+    number longer than ``size`` is not converted at all.
+    """
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(size)):
+        return size
+    return min(int(digits), size)
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
-    """One ``bytes=`` range -> (start, end inclusive); "unsatisfiable"; None to send everything."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    """One ``bytes=`` range -> (start, end inclusive); "unsatisfiable"; None to send everything (RFC 9110 §14)."""
+    match = _RANGE.fullmatch(header)
     if not match or (not match.group(1) and not match.group(2)):
         return None  # absent, malformed or several ranges: RFC 9110 lets us answer with the whole file
     first, last = match.group(1), match.group(2)
     if first:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
+        start = _position(first, size)
         if start >= size:
             return "unsatisfiable"
+        end = min(_position(last, size), size - 1) if last else size - 1
         if end < start:
             return None
         return start, end
-    suffix = int(last)
+    suffix = _position(last, size)
     if suffix == 0 or size == 0:
         return "unsatisfiable"
-    return max(0, size - suffix), size - 1
+    return size - suffix, size - 1
+
+
+def _none_match(header: str, etag: str) -> bool:
+    """If-None-Match compares weakly (RFC 9110 §13.1.2): W/"x" matches our "x"."""
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
 def _read(path: Path, start: int, length: int):
@@ -165,13 +186,13 @@ def download(bundle: Bundle, method: str, headers) -> Response:
         "Content-Disposition": f'attachment; filename="{bundle.name}"',
     }
     if_none_match = headers.get("if-none-match")
-    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
+    if if_none_match and _none_match(if_none_match, etag):
         return Response(status_code=304, headers=common)
     span = None
     range_header = headers.get("range")
     if range_header:
         if_range = headers.get("if-range")
-        if if_range is None or if_range.strip() == etag:
+        if if_range is None or if_range.strip() == etag:  # strong comparison: a weak tag never matches
             span = _parse_range(range_header, bundle.size)
     if span == "unsatisfiable":
         return Response(status_code=416, headers={**common, "Content-Range": f"bytes */{bundle.size}"})

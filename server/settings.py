@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(256, ge=1, description="queued (not yet running) jobs before 429")
     sync_timeout_s: float = Field(300.0, gt=0, description="longest a synchronous request waits before answering 202")
     result_ttl_s: int = Field(24 * 3600, ge=10, description="how long jobs, results and images are kept")
+    result_max_jobs: int = Field(
+        10_000, ge=0, description="finished jobs kept at most; beyond it the oldest are evicted first (0: no cap)"
+    )
+    result_max_bytes: int = Field(
+        1 << 30, ge=0, description="bytes of finished jobs and images kept at most; oldest evicted first (0: no cap)"
+    )
+    redis_high_water: float = Field(
+        0.9, gt=0, le=1, description="new jobs are refused (503) once Redis uses this fraction of its maxmemory"
+    )
     cors_origins: CommaList = Field(default_factory=list)
     public_url: str | None = Field(None, description="base URL for result links (default: from the request)")
     mobile_dir: Path | None = Field(None, description="directory of Core ML bundles served by /v1/models/mobile")

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .backends import BackendUnavailable, StagedBackend
+from .backends import BackendUnavailable, StagedBackend, named
 
 SCHEMES = ("grpc", "http")
 MODELS = ("text_encoder", "unet", "decoder")
@@ -50,6 +50,7 @@ class TritonBackend(StagedBackend):
     def __init__(self, model_dir: str | Path, url: str, name: str | None = None, timeout_s: float = 300.0):
         import torch
 
+        from snapgen.request import ModelCard
         from snapgen.sampling import SamplerConfig
         from snapgen.text import load_tokenizers
         from triton_export.interface import MODEL_NAMES, read_shapes, tensors
@@ -61,11 +62,9 @@ class TritonBackend(StagedBackend):
         self.shapes = read_shapes(model_dir)
         self.sampler = SamplerConfig.load(model_dir / "scheduler")
         self.tokenizers = load_tokenizers(model_dir / "text_encoder")
-        self.name = name or model_dir.resolve().name
+        self.card = named(ModelCard.from_model_dir(model_dir), name)
         self.latent_channels = self.shapes.latent_channels
         self.latent_factor = self.shapes.latent_factor
-        self.resolutions = [tuple(r) for r in self.shapes.resolutions]
-        self.max_prompt_tokens = sum(n for _, n in self.tokenizers)
         self.model_names = {c: MODEL_NAMES[c] for c in MODELS}
         self.specs = {c: tensors(c, self.shapes) for c in MODELS}
         self._device, self._dtype = torch.device("cpu"), torch.float32
@@ -109,7 +108,7 @@ class TritonBackend(StagedBackend):
         pooled = torch.from_numpy(out["pooled"]) if "pooled" in out else None
         return TextEmbeddings(tokens=torch.from_numpy(out["tokens"]), mask=torch.cat(masks, dim=1), pooled=pooled)
 
-    def unet(self, latents, t, text):
+    def unet_velocity(self, latents, t, text):
         import torch
 
         feeds = {

@@ -30,12 +30,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .backends import Backend, BackendUnavailable, Batch
-from .queue import QUEUED, RUNNING, Job, JobQueue, QueueUnavailable
+from snapgen.request import InvalidRequestError, ResolvedRequest
+
+from .backends import Backend, BackendUnavailable
+from .queue import QUEUED, RUNNING, Job, JobQueue, QueueError
 
 log = logging.getLogger("snapgen.worker")
-
-MAX_SEED = 2**32 - 1
 
 
 class _Stop(Exception):
@@ -58,17 +58,6 @@ def encode_image(array, fmt: str) -> bytes:
     else:
         raise ValueError(f"unknown output format {fmt!r}")
     return buffer.getvalue()
-
-
-def job_seeds(job: Job) -> list[int]:
-    seed = int(job.request["seed"])
-    return [(seed + i) % (MAX_SEED + 1) for i in range(job.n)]
-
-
-def batch_key(job: Job) -> tuple:
-    """Jobs with equal keys can share one batch."""
-    r = job.request
-    return (r.get("height"), r.get("width"), r.get("steps"), r.get("guidance_scale"))
 
 
 class Worker:
@@ -109,7 +98,7 @@ class Worker:
         self._deadline: float | None = None
         self._buffer: list[Job] = []
         self._active: list[Job] = []
-        self._validated: set[str] = set()
+        self._resolved: dict[str, ResolvedRequest] = {}  # validated jobs, kept until they start
         self._avg_batch_s: float | None = None
         self._thread: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
@@ -161,18 +150,20 @@ class Worker:
             if self._stopping.is_set():
                 return
             self._start_heartbeat()
+            # Redis down, full or refusing: wait for it (however long), and stop when told to.
             backoff = 0.2
             while not self._stopping.is_set():
                 try:
                     self._send_heartbeat()
                     break
-                except QueueUnavailable as e:
+                except QueueError as e:
                     log.warning("worker %s: queue unavailable (%s); retrying in %.1fs", self.name, e, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
             self.state = "ready"
             self.ready.set()
             log.info("worker %s ready: model %s on %s", self.name, self.info["id"], self.info["device"])
+            # No queue error ends the worker: the round is tried again, and the jobs it held stay held.
             backoff = 0.2
             while not self._stopping.is_set():
                 try:
@@ -181,7 +172,8 @@ class Worker:
                         continue
                     self._round()
                     backoff = 0.2
-                except QueueUnavailable as e:
+                    self._store_outage = None
+                except QueueError as e:
                     log.warning("worker %s: queue unavailable (%s); retrying in %.1fs", self.name, e, backoff)
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -265,6 +257,7 @@ class Worker:
             return
         self._buffer = []
         jobs = [j for j in jobs if self._validate(j)]
+        self._resolved = {j.id: self._resolved[j.id] for j in jobs}  # forget jobs handed back meanwhile
         if not jobs:
             return
         group, rest = self._group(jobs)
@@ -286,59 +279,26 @@ class Worker:
                 log.info("worker %s: job %s re-delivered (delivery %d)", self.name, job.id, job.deliveries)
         return jobs
 
-    def _batch_for(self, jobs: list[Job]) -> Batch:
-        r = jobs[0].request
-        prompts, negatives, seeds = [], [], []
-        for job in jobs:
-            prompts += [job.request["prompt"]] * job.n
-            negatives += [job.request.get("negative_prompt") or ""] * job.n
-            seeds += job_seeds(job)
-        return Batch(
-            prompts=prompts,
-            seeds=seeds,
-            steps=int(r["steps"]),
-            guidance_scale=float(r["guidance_scale"]),
-            height=int(r["height"]),
-            width=int(r["width"]),
-            negative_prompts=negatives if any(negatives) else None,
-        )
-
-    def _fill_defaults(self, job: Job) -> None:
-        r, info = job.request, self.info
-        r.setdefault("height", None)
-        r.setdefault("width", None)
-        if r.get("height") is None:
-            r["height"] = info["default_size"][0]
-        if r.get("width") is None:
-            r["width"] = info["default_size"][1]
-        if r.get("steps") is None:
-            r["steps"] = info["default_steps"]
-        if r.get("guidance_scale") is None:
-            r["guidance_scale"] = info["guidance_scale"]
-
     def _validate(self, job: Job) -> bool:
-        from snapgen.pipeline import InvalidRequestError
-
-        if job.id in self._validated:
+        if job.id in self._resolved:
             return True
-        self._fill_defaults(job)
         try:
-            self.backend.validate(self._batch_for([job]))
+            self._resolved[job.id] = self.backend.resolve(job.request)
         except InvalidRequestError as e:
             error = {"code": "invalid_request", "field": e.field, "message": e.message}
             self._write(lambda: self.queue.fail(job, error))
             self._count_finished("failed")
             return False
-        self._validated.add(job.id)
         return True
 
     def _group(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
-        key = batch_key(jobs[0])
+        key = self._resolved[jobs[0].id].batch_key
         group, rest, images = [], [], 0
         for job in jobs:
-            if batch_key(job) == key and (not group or images + job.n <= self.max_batch_images):
+            resolved = self._resolved[job.id]
+            if resolved.batch_key == key and (not group or images + resolved.images <= self.max_batch_images):
                 group.append(job)
-                images += job.n
+                images += resolved.images
             else:
                 rest.append(job)
         return group, rest
@@ -346,14 +306,13 @@ class Worker:
     def _run(self, group: list[Job]) -> None:
         try:
             runnable = self.queue.start(self.name, group)
-        except QueueUnavailable:
+        except QueueError:
             self._buffer = group + self._buffer  # still ours: try again when the queue is back
             raise
-        for job in group:
-            self._validated.discard(job.id)
+        resolved = {job.id: self._resolved.pop(job.id) for job in group}
         if not runnable:
             return
-        batch = self._batch_for(runnable)
+        batch = ResolvedRequest.concat([resolved[job.id] for job in runnable])
         canceled: set[str] = set()
         last = {"t": 0.0}
 
@@ -364,7 +323,7 @@ class Worker:
                 last["t"] = now
                 try:
                     newly = self.queue.progress(active, step, steps)
-                except QueueUnavailable:
+                except QueueError:  # progress is best effort: the batch goes on, its results are kept
                     newly = set()
                 for job in active:
                     if job.id in newly:
@@ -389,12 +348,12 @@ class Worker:
         except BackendUnavailable as e:
             self._active = []
             self.reason = str(e)
-            log.warning("worker %s: batch of %d image(s) handed back: %s", self.name, len(batch.prompts), e)
+            log.warning("worker %s: batch of %d image(s) handed back: %s", self.name, batch.images, e)
             self._retry_later([j for j in runnable if j.id not in canceled], str(e))
             return
         except Exception as e:
             self._active = []
-            log.exception("worker %s: batch of %d image(s) failed", self.name, len(batch.prompts))
+            log.exception("worker %s: batch of %d image(s) failed", self.name, batch.images)
             error = {"code": "generation_failed", "message": f"the model failed on this batch: {type(e).__name__}: {e}"}
             for job in runnable:
                 if job.id not in canceled:
@@ -406,36 +365,36 @@ class Worker:
         elapsed = time.perf_counter() - started
         self._avg_batch_s = elapsed if self._avg_batch_s is None else 0.8 * self._avg_batch_s + 0.2 * elapsed
         try:
-            self._deliver(runnable, canceled, batch, output)
+            self._deliver([(job, resolved[job.id]) for job in runnable], canceled, batch, output)
         finally:
             self._active = []
 
-    def _deliver(self, runnable: list[Job], canceled: set[str], batch: Batch, output) -> None:
+    def _deliver(self, runnable: list[tuple[Job, ResolvedRequest]], canceled: set[str], batch: ResolvedRequest,
+                 output) -> None:  # fmt: skip
         m = self.metrics
         if m is not None:
-            m.batch_size.observe(len(batch.prompts))
+            m.batch_size.observe(batch.images)
             for stage in ("text", "unet", "decode"):
                 m.stage_seconds.labels(stage=stage).observe(output.timings[f"{stage}_s"])
         offset = 0
-        for job in runnable:
-            images = output.images[offset : offset + job.n]
-            offset += job.n
+        for job, request in runnable:
+            images = output.images[offset : offset + request.images]
+            offset += request.images
             if job.id in canceled:
                 continue
             t0 = time.perf_counter()
-            fmt = job.request.get("output_format", "png")
-            encoded = [encode_image(a, fmt) for a in images]
+            encoded = [encode_image(a, request.output_format) for a in images]
             encode_s = time.perf_counter() - t0
             result = {
                 "model": self.info["id"],
-                "seeds": job_seeds(job),
+                "seeds": list(request.seeds),
                 "timings": {**output.timings, "encode_s": encode_s},
-                "batch_size": len(batch.prompts),
-                "format": fmt,
-                "count": job.n,
-                "size": [batch.height, batch.width],
-                "steps": batch.steps,
-                "guidance_scale": batch.guidance_scale,
+                "batch_size": batch.images,
+                "format": request.output_format,
+                "count": request.images,
+                "size": [request.height, request.width],
+                "steps": request.steps,
+                "guidance_scale": request.guidance_scale,
             }
             stored = self._write(
                 lambda job=job, encoded=encoded, result=result: self.queue.complete(job, encoded, result)
@@ -443,7 +402,7 @@ class Worker:
             if m is not None:
                 m.stage_seconds.labels(stage="encode").observe(encode_s)
                 if stored:
-                    m.images_generated.inc(job.n)
+                    m.images_generated.inc(request.images)
                     now = time.time()
                     m.e2e_latency.observe(max(0.0, now - job.created))
                     if job.started:
@@ -455,18 +414,41 @@ class Worker:
         if self.metrics is not None:
             self.metrics.jobs_finished.labels(status=status).inc()
 
+    store_retry_s = 60.0  # how long one outage of the queue may hold up a finished batch
+    _store_outage: float | None = None  # when the current one began (monotonic); reset after each round
+
     def _write(self, fn: Callable[[], Any]) -> Any:
-        """A queue write after work was done: retried while the queue is down (jobs are not lost)."""
+        """A queue write after work was done (a result, a failure, a cancellation).
+
+        While the queue cannot take it (Redis down or full) the worker keeps what it has and retries, for
+        ``store_retry_s`` of the outage (stopping: until 30 s past the drain deadline at most). Then it gives
+        up: a generated batch is handed back and runs again elsewhere (if even the hand-back fails, the queue
+        reclaims the jobs of a silent worker); a job whose cancellation was not stored is finished as canceled
+        by the worker that takes it next. A hand-written loop, not the Redis client's retries: it runs for a
+        deadline, on every queue error (a full Redis is not a connection error), and ends in a hand-back.
+        Later writes of the same outage are tried once, so a batch does not wait once per job.
+        """
         backoff = 0.1
         while True:
             try:
-                return fn()
-            except QueueUnavailable as e:
-                if self._stopping.is_set() and self._deadline is not None and time.monotonic() > self._deadline + 30:
-                    log.error("worker %s: giving up a queue write (%s); the job will be re-delivered", self.name, e)
+                stored = fn()
+                self._store_outage = None
+                return stored
+            except QueueError as e:
+                now = time.monotonic()
+                if self._store_outage is None:
+                    self._store_outage = now
+                deadline = self._store_outage + self.store_retry_s
+                if self._stopping.is_set() and self._deadline is not None:
+                    deadline = min(deadline, self._deadline + 30)
+                if now >= deadline:
+                    log.error("worker %s: giving up a queue write (%s)", self.name, e)
+                    if not self._busy:  # the batch's images are done: hand it back (not while still running)
+                        handed, self._active = self._active, []
+                        self._hand_back(handed)
                     return None
                 log.warning("worker %s: queue unavailable while storing a result (%s); retrying", self.name, e)
-                time.sleep(backoff)
+                time.sleep(min(backoff, deadline - now))
                 backoff = min(backoff * 2, 2.0)
 
     def _hand_back(self, jobs: list[Job]) -> None:
@@ -504,7 +486,7 @@ class Worker:
         """An extra heartbeat so a change of state shows at once (/readyz); the loop retries a failed one."""
         try:
             self._send_heartbeat()
-        except QueueUnavailable as e:
+        except QueueError as e:
             log.debug("heartbeat failed: %s", e)
 
     def _probe_backend(self) -> None:
@@ -523,20 +505,20 @@ class Worker:
                 log.exception("backend health probe failed")
             try:
                 self._send_heartbeat()
-            except QueueUnavailable as e:
+            except QueueError as e:
                 log.debug("heartbeat failed: %s", e)
             except Exception:
                 log.exception("heartbeat failed")
 
 
-def with_timeout(fn: Callable[[], Any], attempts: int = 5) -> Any:
-    """Best effort during shutdown: a few tries, then give up (the queue's reclaim covers the rest)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except QueueUnavailable:
-            time.sleep(0.2 * (i + 1))
-    return None
+def with_timeout(fn: Callable[[], Any]) -> Any:
+    """Best effort (hand-back, deregistration): one call, which the Redis client retries by itself on a
+    dropped connection; if it still fails, the queue reclaims the jobs of a silent worker."""
+    try:
+        return fn()
+    except QueueError as e:
+        log.warning("queue write given up (%s); the queue's reclaim covers it", e)
+        return None
 
 
 def build_worker(queue, settings, name: str) -> Worker:

@@ -25,6 +25,10 @@ def _positive_int(name):
     return parse
 
 
+# The flag that sets each field of a generation request, for error messages.
+FLAGS = {"prompt": "prompt", "guidance_scale": "--guidance", "size": "--height/--width"}
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate images from text prompts")
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
@@ -113,7 +117,7 @@ def cmd_generate(args) -> None:
     from tqdm import tqdm
 
     from .model_dir import write_file_atomically
-    from .pipeline import InvalidRequestError
+    from .request import GenerationRequest, InvalidRequestError
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise CLIError("give exactly one of PROMPT or --prompt-file")
@@ -132,39 +136,26 @@ def cmd_generate(args) -> None:
         if outputs[0].suffix.lower() != ".png":
             raise CLIError(f"--out {outputs[0]}: only .png output is supported")
 
-    pipeline = _load(args.model, args.device)
-    height = args.height or pipeline.default_size[0]
-    width = args.width or pipeline.default_size[1]
-    steps = pipeline.sampler.default_steps if args.steps is None else args.steps
-    guidance = pipeline.sampler.guidance_scale if args.guidance is None else args.guidance
-    settings = dict(steps=steps, guidance_scale=guidance, height=height, width=width)
     try:
-        # Validate everything before the first image, so a bad prompt on line 900 fails now.
-        pipeline.validate(
+        request = GenerationRequest(
             prompts,
-            steps,
-            guidance,
-            height,
-            width,
-            [args.seed + i for i in range(len(prompts))],
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
         )
+        pipeline = _load(args.model, args.device)
+        # Resolved as a whole before the first image, so a bad prompt on line 900 fails now.
+        resolved = pipeline.resolve(request)
     except InvalidRequestError as e:
-        flag = {"prompt": "prompt", "guidance_scale": "--guidance", "size": "--height/--width"}.get(
-            e.field, f"--{e.field}"
-        )
-        raise CLIError(f"{flag}: {e.message}") from None
+        raise CLIError(f"{FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}: {e.message}") from None
 
-    with tqdm(total=len(prompts) * steps, unit="step", disable=None, desc="sampling") as bar:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            result = pipeline(
-                batch,
-                seeds=args.seed + start,
-                negative_prompt=args.negative_prompt,
-                on_step=lambda i, n, x, k=len(batch): bar.update(k),  # noqa: B008 (bound per batch)
-                **settings,
-            )
-            for image, path in zip(result.images, outputs[start : start + len(batch)], strict=True):
+    with tqdm(total=resolved.images * resolved.steps, unit="step", disable=None, desc="sampling") as bar:
+        for start, chunk in zip(range(0, resolved.images, args.batch_size), resolved.chunks(args.batch_size)):
+            result = pipeline.run(chunk, on_step=lambda i, n, x, k=chunk.images: bar.update(k))
+            for image, path in zip(result.images, outputs[start : start + chunk.images], strict=True):
                 write_file_atomically(path, lambda f, image=image: image.save(f, format="PNG"))
     where = outputs[0] if len(outputs) == 1 else args.out_dir
     print(f"wrote {len(outputs)} image(s) to {where}")

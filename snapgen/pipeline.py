@@ -9,31 +9,23 @@ and tiny decoder are plain ``ModelMixin`` models, so each drops into diffusers c
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .generation import StepCallback, generate, to_uint8
 from .models.autoencoder import LatentDecoder
 from .models.unet import SnapGenUNet
-from .noise import randn_tensor
-from .sampling import SamplerConfig, cfg_velocity, guided, sample_euler
+from .request import MAX_SEED, GenerationRequest, InvalidRequestError, ModelCard, ResolvedRequest
+from .sampling import SamplerConfig, cfg_velocity
 from .text import TextEmbeddings, TextEncoder
 from .tracing import TracedUNet
 
-MAX_SEED = 2**32 - 1
-
-
-class InvalidRequestError(ValueError):
-    """Bad user input; ``field`` names the argument so APIs can point at it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+__all__ = ["MAX_SEED", "InvalidRequestError", "PipelineOutput", "SnapGenPipeline", "to_uint8"]
+OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 @dataclass
@@ -100,51 +92,45 @@ class SnapGenPipeline:
         self._traced_unet = None
         return self
 
-    # -- validation -------------------------------------------------------------------------
-    def validate(
-        self,
-        prompts: Sequence[str],
-        steps: int,
-        guidance_scale: float,
-        height: int,
-        width: int,
-        seeds: Sequence[int],
-    ) -> None:
-        if not prompts:
-            raise InvalidRequestError("prompt", "give at least one prompt")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InvalidRequestError("prompt", f"prompt {i} is empty; write what the image should show")
-        counts = self.text_encoder.count_tokens(list(prompts))
-        for i, count in enumerate(counts):
-            if count > self.text_encoder.max_length:
-                raise InvalidRequestError(
-                    "prompt",
-                    f"prompt {i} has {count} tokens; this model reads at most {self.text_encoder.max_length}",
-                )
-        if not isinstance(steps, int) or not 1 <= steps <= self.sampler.max_steps:
-            raise InvalidRequestError("steps", f"got {steps!r}; allowed: an integer from 1 to {self.sampler.max_steps}")
-        if not guidance_scale >= 0:  # also rejects NaN
-            raise InvalidRequestError("guidance_scale", f"got {guidance_scale!r}; allowed: a number >= 0")
-        f = self.latent_factor
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % f:
-                raise InvalidRequestError(name, f"got {value!r}; it must be a positive multiple of {f}")
-        if (height, width) not in self.resolutions:
-            allowed = ", ".join(f"{h}x{w}" for h, w in self.resolutions)
-            raise InvalidRequestError("size", f"{height}x{width} is not supported by this model; allowed: {allowed}")
-        for seed in seeds:
-            if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-                raise InvalidRequestError("seed", f"got {seed!r}; allowed: an integer from 0 to {MAX_SEED}")
+    # -- the contract ----------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
 
-    # -- running ----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
-        return self.text_encoder.encode(prompts).to(device=self.device, dtype=self.dtype)
+    @property
+    def card(self) -> ModelCard:
+        """What this model offers: sizes, step limits, defaults (``snapgen.request``)."""
+        model_dir = getattr(self, "model_dir", None)
+        return ModelCard(
+            id=Path(model_dir).name if model_dir else "snapgen",
+            sizes=tuple(self.resolutions),
+            default_steps=self.sampler.default_steps,
+            max_steps=self.sampler.max_steps,
+            guidance_scale=self.sampler.guidance_scale,
+            distilled_steps=tuple(int(s) for s in self.sampler.distilled_timesteps),
+            max_prompt_tokens=self.text_encoder.max_length,
+            latent_factor=self.latent_factor,
+        )
 
-    def _call_unet(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return self.text_encoder.count_tokens(list(prompts))
+
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """Check ``request`` against this model and fill in its defaults (raises InvalidRequestError)."""
+        return request.resolve(self.card, self.count_tokens)
+
+    # -- the three stages ``snapgen.generation.generate`` runs ---------------------------------
+    def encode_text(self, prompts: list[str]) -> TextEmbeddings:
+        return self.text_encoder.encode(list(prompts)).to(device=self.device, dtype=self.dtype)
+
+
+    def unet_velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
         if self._traced_unet is not None:
             return self._traced_unet(x, t, text.tokens, text.mask, text.pooled)
         return self.unet(x, t, text.tokens, text.mask, text.pooled).sample
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(self.decoder.from_diffusion(latents))
 
     def velocity_fn(self, cond: TextEmbeddings, uncond: TextEmbeddings | None):
         """The U-Net as ``velocity(x, t, with_uncond)`` for ``snapgen.sampling.guided``.
@@ -152,9 +138,9 @@ class SnapGenPipeline:
         Public because the Core ML golden reference (mobile_export) must compute the first step's
         velocity exactly as this pipeline's sampler does.
         """
-        return cfg_velocity(self._call_unet, cond, uncond)
+        return cfg_velocity(self.unet_velocity, cond, uncond)
 
-    @torch.no_grad()
+    # -- running ----------------------------------------------------------------------------
     def __call__(
         self,
         prompts: str | Sequence[str],
@@ -164,7 +150,7 @@ class SnapGenPipeline:
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_step: StepCallback | None = None,
         output_type: str = "pil",
     ) -> PipelineOutput:
         """Generate one image per prompt; image ``i`` starts from the portable noise of ``seeds[i]``.
@@ -173,54 +159,30 @@ class SnapGenPipeline:
         ``on_step(step, steps, latents)`` is called after every step; raising from it cancels.
         ``output_type``: "pil", "np" (uint8 HWC arrays) or "latent" (no decoding).
         """
-        start = time.perf_counter()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        steps = self.sampler.default_steps if steps is None else steps
-        guidance_scale = self.sampler.guidance_scale if guidance_scale is None else float(guidance_scale)
-        height, width = height or self.default_size[0], width or self.default_size[1]
-        if seeds is None:
-            seeds = int(np.random.SeedSequence().generate_state(1)[0])
-        if isinstance(seeds, int):
-            seeds = [seeds + i for i in range(len(prompts))]
-        seeds = list(seeds)
-        if len(seeds) != len(prompts):
-            raise InvalidRequestError("seed", f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        self.validate(prompts, steps, guidance_scale, height, width, seeds)
-        if output_type not in ("pil", "np", "latent"):
-            raise InvalidRequestError("output_type", f"got {output_type!r}; allowed: pil, np, latent")
+        request = GenerationRequest(
+            prompt=prompts,
+            negative_prompt=negative_prompt,
+            seed=seeds,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+        )
+        return self.run(request, on_step, output_type)
 
-        cond = self.encode_prompts(prompts)
-        uncond = None
-        if guidance_scale != 1.0:
-            negatives = negative_prompt if negative_prompt is not None else ""
-            negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-            uncond = self.encode_prompts(negatives)
-        text_done = time.perf_counter()
-
-        f = self.latent_factor
-        shape = (self.unet.config.in_channels, height // f, width // f)
-        noise = randn_tensor(seeds, shape, device=self.device, dtype=self.dtype)
-        timesteps = self.sampler.timesteps(steps, height, width)
-        velocity = guided(self.velocity_fn(cond, uncond), guidance_scale)
-        latents = sample_euler(velocity, noise, timesteps, on_step)
-        unet_done = time.perf_counter()
-
+    def run(
+        self,
+        request: GenerationRequest | ResolvedRequest,
+        on_step: StepCallback | None = None,
+        output_type: str = "pil",
+    ) -> PipelineOutput:
+        """Generate what ``request`` asks for (resolved against this model first, unless it already is)."""
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidRequestError("output_type", f"got {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        resolved = self.resolve(request) if isinstance(request, GenerationRequest) else request
+        out = generate(self, resolved, on_step, decode=output_type != "latent")
         images = None
-        if output_type != "latent":
-            pixels = self.decoder.decode(self.decoder.from_diffusion(latents))
-            arrays = to_uint8(pixels)
+        if out.pixels is not None:
+            arrays = to_uint8(out.pixels)
             images = arrays if output_type == "np" else [Image.fromarray(a) for a in arrays]
-        end = time.perf_counter()
-        timings = {
-            "text_s": text_done - start,
-            "unet_s": unet_done - text_done,
-            "decode_s": end - unet_done,
-            "total_s": end - start,
-        }
-        return PipelineOutput(images=images, latents=latents, seeds=seeds, timings=timings)
-
-
-def to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:
-    """Images in [-1, 1], (B, 3, H, W) -> list of uint8 (H, W, 3) arrays."""
-    scaled = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(scaled.permute(0, 2, 3, 1).cpu().numpy())
+        return PipelineOutput(images=images, latents=out.latents, seeds=list(resolved.seeds), timings=out.timings)

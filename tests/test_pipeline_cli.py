@@ -54,7 +54,7 @@ def test_pipeline_is_deterministic_and_starts_from_portable_noise(pipe):
     velocity_step = start["x"] - noise  # one Euler step from t=1 to t=0 moves by -v
     assert velocity_step.abs().max() > 0
     with torch.no_grad():
-        text = pipe.encode_prompts(["a red circle"])
+        text = pipe.encode_text(["a red circle"])
         v = pipe.unet(noise, torch.ones(1), text.tokens, text.mask, text.pooled).sample
     torch.testing.assert_close(start["x"], noise - v)
 
@@ -93,7 +93,8 @@ def test_images_progress_and_timings(pipe):
         (dict(prompts=" ".join(["word"] * 60)), "prompt", "at most 32"),
         (dict(height=100), "height", "multiple of 8"),
         (dict(height=256, width=256), "size", "128x128"),
-        (dict(steps=0), "steps", "from 1 to 50"),
+        (dict(steps=0), "steps", "an integer >= 1"),
+        (dict(steps=51), "steps", "from 1 to 50"),
         (dict(guidance_scale=-1.0), "guidance_scale", ">= 0"),
         (dict(guidance_scale=float("nan")), "guidance_scale", ">= 0"),
         (dict(seeds=-5), "seed", "0 to 4294967295"),
@@ -162,7 +163,10 @@ def test_cli_bad_values_fail_cleanly_and_write_nothing(model_dir, tmp_path, caps
 
 
 def test_cli_empty_prompt_and_missing_model(tmp_path, capsys):
+    # The request is checked before any model is looked for: the empty prompt is named first.
     assert main(["generate", "", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "prompt: the prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no such directory" in capsys.readouterr().err
 
 

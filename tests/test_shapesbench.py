@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from snapgen.cli import main
+from snapgen.request import ModelCard
 from training.shapesbench import (
     CATEGORIES,
     COLORS,
@@ -318,18 +319,17 @@ class OraclePipeline:
 
     resolutions = [(128, 128)]
     default_size = (128, 128)
-
-    class sampler:
-        default_steps, guidance_scale = 4, 1.0
+    card = ModelCard(id="oracle", sizes=((128, 128),), default_steps=4, max_steps=50, guidance_scale=1.0)
 
     def __init__(self, wrong=False, swap_relations=False):
         self.wrong, self.swap_relations, self.calls = wrong, swap_relations, []
 
-    def validate(self, prompts, steps, guidance_scale, height, width, seeds):
-        assert (height, width) == (128, 128)
+    def resolve(self, request):
+        return request.resolve(self.card)
 
-    def __call__(self, prompts, seeds, steps, guidance_scale, height, width, output_type):
-        self.calls.append((list(prompts), list(seeds), steps, guidance_scale))
+    def run(self, request, output_type):
+        prompts, seeds = request.prompts, request.seeds
+        self.calls.append((list(prompts), list(seeds), request.steps, request.guidance_scale))
         images = []
         for prompt, seed in zip(prompts, seeds):
             parsed = parse_prompt(prompt)

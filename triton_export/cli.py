@@ -55,7 +55,7 @@ def cmd_triton(args) -> None:
         model = default_model_dir()
         if not (model / "model_index.json").is_file():
             raise CLIError(
-                f"the embedded default model is not installed at {model} (it ships with the trained model, issue 4); "
+                f"the embedded default model is not installed at {model} (it ships with the package); "
                 "pass --model DIR (a random test model: `snapgen init-model --out DIR`)"
             )
     try:

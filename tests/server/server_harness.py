@@ -146,6 +146,23 @@ class RedisServer(Proc):
             return False
 
 
+def fill_redis(client, prefix: str = "filler") -> None:
+    """Fill Redis (policy noeviction) up to a maxmemory about 1 MiB above what it uses now, until it refuses
+    a write; then lower maxmemory a little under what is used: full, whatever small buffers come and go.
+    Room again: ``client.config_set("maxmemory", "0")`` and delete the ``prefix:*`` keys."""
+    import redis
+
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) + (1 << 20)))
+    try:
+        for i in range(10_000):
+            client.set(f"{prefix}:{i}", b"f" * 20_000)
+        raise AssertionError("Redis took 200 MB without refusing a write: is maxmemory ignored?")
+    except redis.exceptions.OutOfMemoryError:
+        pass
+    client.config_set("maxmemory", str(int(int(client.info("memory")["used_memory"]) * 0.95)))
+
+
 class Server:
     """`snapgen serve` under uvicorn on a free port."""
 

@@ -23,11 +23,12 @@ from server.queue import (
     RedisJobQueue,
     fingerprint,
 )
+from snapgen.request import GenerationRequest
 
 
 def new_job(prompt="a red circle", n=1, owner="anonymous") -> Job:
-    request = {"prompt": prompt, "n": n, "width": 128, "height": 128, "steps": 2, "guidance_scale": 1.0, "seed": 1}
-    return Job(id=uuid.uuid4().hex, request=request, owner=owner, steps=2)
+    request = GenerationRequest(prompt, n=n, width=128, height=128, steps=2, guidance_scale=1.0, seed=1)
+    return Job(id=uuid.uuid4().hex, request=request, owner=owner)
 
 
 _LOOP = asyncio.new_event_loop()  # one loop: a queue's async Redis client stays bound to the loop it met first

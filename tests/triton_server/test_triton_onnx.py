@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from server_harness import clean_env
 
-from server.backends import Batch, TorchBackend
+from server.backends import TorchBackend
 from server.triton_backend import TritonBackend
 from snapgen.cli import main
+from snapgen.request import ResolvedRequest
 from triton_export.server import TritonServer
 
 
@@ -53,8 +54,8 @@ def test_onnx_configs(onnx_repo):
 
 def test_onnx_images_match_the_in_process_backend(onnx_repo, tiny_model, log_dir):
     # Three images with guidance: 6 rows per U-Net call, sent as three requests of max_batch_size 2.
-    batch = Batch(["a red circle", "two blue squares", "a green triangle"], [3, 4, 5], 2, 3.0, 128, 128,
-                  negative_prompts=["blurry", "", ""])  # fmt: skip
+    batch = ResolvedRequest(("a red circle", "two blue squares", "a green triangle"), ("blurry", "", ""), (3, 4, 5),
+                            steps=2, guidance_scale=3.0, height=128, width=128)  # fmt: skip
     want = TorchBackend(tiny_model).generate(batch).images
     triton = TritonServer(onnx_repo, log_path=log_dir / "triton-onnx.log", env=clean_env(SNAPGEN_TORCH_THREADS="1"))
     with triton.start(timeout=900.0) as t:

@@ -155,8 +155,8 @@ def test_a_repository_of_another_model_is_refused(cluster, tiny_model, tmp_path)
     import json
     import shutil
 
-    from server.backends import Batch
     from server.triton_backend import TritonBackend, TritonRepositoryMismatch
+    from snapgen.request import ResolvedRequest
 
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
@@ -166,7 +166,7 @@ def test_a_repository_of_another_model_is_refused(cluster, tiny_model, tmp_path)
     backend = TritonBackend(other, cluster.triton.grpc_url)
     assert backend.health() is None
     with pytest.raises(TritonRepositoryMismatch, match="model snapgen_text_encoder was not exported from this model"):
-        backend.generate(Batch(["a red circle"], [0], 1, 1.0, 128, 128))
+        backend.generate(ResolvedRequest(("a red circle",), ("",), (0,), 1, 1.0, 128, 128))
 
 
 def test_an_unloaded_model_is_reported_and_jobs_wait(cluster, reference_pngs):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The embedded default model (snapgen-shapes) from scratch, every stage of the recipe in order
-# (issue 4). Each stage resumes from its last checkpoint when re-run, so this script can be
+# The embedded default model (snapgen-shapes) from scratch, every stage of the recipe in order.
+# Each stage resumes from its last checkpoint when re-run, so this script can be
 # interrupted and started again; stages already finished (runs/shapes/STAGE/DONE) are skipped.
 #
 #   bash training/recipes/shapes.sh                  # all stages

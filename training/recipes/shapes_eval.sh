@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ShapesBench evaluation of every model of the shapes recipe (issue 4): 600 prompts over the four
+# ShapesBench evaluation of every model of the shapes recipe: 600 prompts over the four
 # categories + 150 held-out compositions, fixed seeds (image i: noise seed i), 128 px.
 #
 #   bash training/recipes/shapes_eval.sh                  # all of them

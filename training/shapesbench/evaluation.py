@@ -14,8 +14,6 @@ from .judging import judge
 from .render import sample_prompt
 from .spec import CATEGORIES, HELD_OUT_PAIRS, IMAGE_SIZE, OPPOSITE, SPEC_VERSION, parse_prompt, relation_holds
 
-MAX_SEED = 2**32 - 1
-
 
 def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = None) -> list[dict]:
     """The fixed evaluation list: ``n`` prompts without held-out compositions, then ``n_held_out``
@@ -106,33 +104,26 @@ def evaluate(
     ``on_image(i, record, image)`` sees every generated image (e.g. to save or tile them)."""
     from tqdm import tqdm
 
-    steps = pipeline.sampler.default_steps if steps is None else int(steps)
-    guidance_scale = pipeline.sampler.guidance_scale if guidance_scale is None else float(guidance_scale)
+    from snapgen.request import GenerationRequest
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items = evaluation_prompts(n, seed, n_held_out)
-    if seed + len(items) - 1 > MAX_SEED:
-        raise ValueError(f"seed {seed} + {len(items)} prompts exceeds the largest noise seed {MAX_SEED}")
-    size = (IMAGE_SIZE, IMAGE_SIZE) if (IMAGE_SIZE, IMAGE_SIZE) in pipeline.resolutions else pipeline.default_size
-    height, width = size
-    # Fail on bad settings before generating anything.
-    pipeline.validate([items[0]["prompt"]], steps, guidance_scale, height, width, [seed])
+    native = (IMAGE_SIZE, IMAGE_SIZE)
+    height, width = native if native in pipeline.resolutions else pipeline.default_size
+    # The whole run as one request, resolved before anything is generated: bad settings fail now.
+    request = pipeline.resolve(GenerationRequest(
+        [it["prompt"] for it in items], seed=seed, steps=steps, guidance_scale=guidance_scale, height=height,
+        width=width,
+    ))  # fmt: skip
 
     start = time.perf_counter()
     records = []
     with tqdm(total=len(items), unit="img", desc="shapesbench", disable=not progress) as bar:
-        for lo in range(0, len(items), batch_size):
+        for lo, chunk in zip(range(0, len(items), batch_size), request.chunks(batch_size)):
             batch = items[lo : lo + batch_size]
-            seeds = [seed + lo + k for k in range(len(batch))]
-            images = pipeline(
-                [it["prompt"] for it in batch],
-                seeds=seeds,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                output_type="pil",
-            ).images
+            seeds = chunk.seeds
+            images = pipeline.run(chunk, output_type="pil").images
             for k, (item, image, noise_seed) in enumerate(zip(batch, images, seeds)):
                 result = judge(image, item["prompt"])
                 record = {"index": lo + k, **item, "seed": noise_seed, "correct": result.correct}
@@ -149,8 +140,8 @@ def evaluate(
         "benchmark": "shapesbench",
         "spec_version": SPEC_VERSION,
         "model": str(getattr(pipeline, "model_dir", "") or "") or None,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
         "seed": seed,
         "resolution": [height, width],
         "n": n,

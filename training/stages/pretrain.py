@@ -30,12 +30,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snapgen.flow import interpolate, sample_logit_normal, shift_time
+from snapgen.generation import generate
 from snapgen.model_dir import save_component, save_model, write_atomically
 from snapgen.models.autoencoder import ENCODER_CLASSES, load_decoder, load_latent_model
 from snapgen.models.configs import build_unet, unet_config
 from snapgen.models.unet import SnapGenUNet
-from snapgen.noise import randn_tensor
-from snapgen.sampling import SamplerConfig, cfg_velocity, guided, sample_euler
+from snapgen.request import ResolvedRequest, expand_seeds
+from snapgen.sampling import SamplerConfig
 from snapgen.text import TextEmbeddings
 
 from .. import distributed
@@ -207,29 +208,20 @@ class FlowStage(Stage):
         o = self.options
         return SamplerConfig(default_steps=o.default_steps, guidance_scale=o.guidance_scale, shift=o.sample_shift)
 
-    @torch.no_grad()
     def sample(self, prompts: list[str], steps: int, guidance: float, resolution: int, seed: int = 0) -> torch.Tensor:
-        """Images in [-1, 1] from the EMA model (portable noise: seed + i for image i)."""
-        model = self.final_model().eval()
-        if "classes" in model:
-            index = {name: i for i, name in enumerate(self.config.data.classes)}
-            labels = torch.tensor([index[p] for p in prompts], device=self.device)
-            cond = model["classes"](labels)
-            uncond = model["classes"](torch.full_like(labels, model["classes"].num_classes))
-        else:
-            cond = self.inputs.encode_prompts(prompts)
-            # At guidance 1 (LADD's sample grids) the unconditional half is never called.
-            uncond = self.inputs.encode_prompts([""] * len(prompts)) if guidance != 1.0 else None
-        velocity = cfg_velocity(lambda x, t, text: self.velocity(model["net"], x, t, text), cond, uncond)
-        side = resolution // self.inputs.factor
-        noise = randn_tensor(
-            [seed + i for i in range(len(prompts))], (self.inputs.latent_channels, side, side), device=self.device
-        )
-        timesteps = self.sampler_config().timesteps(steps, resolution, resolution)
-        latents = sample_euler(guided(velocity, guidance), noise, timesteps)
+        """Images in [-1, 1] from the EMA model, made by the library's generation recipe (seed + i for image i)."""
         if self._decoder is None:
             self._decoder = load_decoder(self.decoder_path).to(self.device)
-        return self._decoder.decode(self._decoder.from_diffusion(latents))
+        request = ResolvedRequest(
+            prompts=tuple(prompts),
+            negative_prompts=("",) * len(prompts),
+            seeds=expand_seeds(seed, len(prompts)),
+            steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+        )
+        return generate(_SampleStages(self, self.final_model().eval()), request).pixels
 
     def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:
         o = self.options
@@ -310,3 +302,33 @@ class PretrainStage(FlowStage):
             overwrite=True,
             autoencoder=None if same_dir else load_latent_model(encoder, ENCODER_CLASSES, "encoder"),
         )
+
+
+class _SampleStages:
+    """A pretraining stage's model as the three stages of ``snapgen.generation``, for its sample grids.
+
+    A class-conditioned model reads the class embedding of each prompt; the empty prompt (the
+    unconditional side of guidance) is its null class.
+    """
+
+    def __init__(self, stage: FlowStage, model: nn.ModuleDict):
+        self.stage, self.model = stage, model
+        self.sampler = stage.sampler_config()
+        self.latent_channels = stage.inputs.latent_channels
+        self.latent_factor = stage.inputs.factor
+        self.device, self.dtype = stage.device, torch.float32
+
+    def encode_text(self, prompts: list[str]) -> TextEmbeddings:
+        if "classes" not in self.model:
+            return self.stage.inputs.encode_prompts(prompts)
+        classes = self.model["classes"]
+        index = {name: i for i, name in enumerate(self.stage.config.data.classes)}
+        labels = [classes.num_classes if p == "" else index[p] for p in prompts]
+        return classes(torch.tensor(labels, device=self.device))
+
+    def unet_velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+        return self.stage.velocity(self.model["net"], x, t, text)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        decoder = self.stage._decoder
+        return decoder.decode(decoder.from_diffusion(latents))

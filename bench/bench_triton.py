@@ -1,6 +1,6 @@
 """Per-call latency of the Triton models against the same calls in process (the numbers in docs/triton.md).
 
-    python -m triton_export.bench --model DIR [--backend python onnx] [--calls 50] [--json out.json]
+    python bench/bench_triton.py --model DIR [--backend python onnx] [--calls 50] [--json out.json]
 
 Exports the model to a temporary repository per backend, starts the nvidia-pytriton ``tritonserver`` on
 loopback, and times, for batch 1 at the model's first size: each stage through ``TritonBackend`` over
@@ -41,7 +41,7 @@ def _stages(backend, batch, calls: int) -> dict[str, float]:
         text = backend.encode_text(batch.prompts)
         return {
             "text_encoder_ms": _median_ms(lambda: backend.encode_text(batch.prompts), calls),
-            "unet_ms": _median_ms(lambda: backend.unet(latents, t, text), calls),
+            "unet_ms": _median_ms(lambda: backend.unet_velocity(latents, t, text), calls),
             "decoder_ms": _median_ms(lambda: backend.decode(latents), calls),
             "image_ms": _median_ms(lambda: backend.generate(batch), max(3, calls // 5), warmup=1),
         }
@@ -50,16 +50,15 @@ def _stages(backend, batch, calls: int) -> dict[str, float]:
 def run(model: Path, backends: list[str], calls: int) -> dict:
     import torch
 
-    from server.backends import Batch, TorchBackend
+    from server.backends import TorchBackend
     from server.triton_backend import TritonBackend
-
-    from .repository import export_triton
-    from .server import TritonServer
+    from snapgen.request import GenerationRequest
+    from triton_export.repository import export_triton
+    from triton_export.server import TritonServer
 
     local = TorchBackend(model)
-    height, width = local.resolutions[0]
-    batch = Batch(["a red circle to the left of a blue square"], [0], int(local.sampler.default_steps),
-                  float(local.sampler.guidance_scale), height, width)  # fmt: skip
+    batch = local.resolve(GenerationRequest("a red circle to the left of a blue square", seed=0))
+    height, width = batch.height, batch.width
     report = {
         "model": str(model),
         "size": [height, width],
@@ -78,7 +77,7 @@ def run(model: Path, backends: list[str], calls: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m triton_export.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/bench_triton.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--backend", nargs="+", default=["python", "onnx"], choices=["python", "onnx"])
     parser.add_argument("--calls", type=int, default=50)
