@@ -174,6 +174,6 @@ def cmd_worker(args) -> None:
         raise CLIError("a worker needs --redis URL (or SNAPGEN_REDIS_URL); `snapgen serve` alone runs its own worker")
     settings = settings.model_copy(update={"model": _model_dir(settings)})
     _logging(settings)
-    from .worker import run_worker_process
+    from .worker_process import run_worker_process
 
     run_worker_process(settings)

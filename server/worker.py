@@ -20,7 +20,6 @@ idle ready worker's backend, so an outage shows before a job runs into it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from snapgen.image_files import encode_image
 from snapgen.request import InvalidRequestError, ResolvedRequest
 
 from .backends import Backend, BackendUnavailable
@@ -42,22 +42,6 @@ class _Stop(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def encode_image(array, fmt: str) -> bytes:
-    from PIL import Image
-
-    image = Image.fromarray(array)
-    buffer = io.BytesIO()
-    if fmt == "png":
-        image.save(buffer, format="PNG")  # the same bytes `snapgen generate` writes
-    elif fmt == "jpeg":
-        image.save(buffer, format="JPEG", quality=90)
-    elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=90)
-    else:
-        raise ValueError(f"unknown output format {fmt!r}")
-    return buffer.getvalue()
 
 
 class Worker:
@@ -519,64 +503,3 @@ def with_timeout(fn: Callable[[], Any]) -> Any:
     except QueueError as e:
         log.warning("queue write given up (%s); the queue's reclaim covers it", e)
         return None
-
-
-def build_worker(queue, settings, name: str) -> Worker:
-    """A worker configured from the settings; the embedded server and `snapgen worker` share it."""
-    from . import metrics
-
-    return Worker(
-        queue,
-        lambda: load_backend(settings),
-        name=name,
-        max_batch_images=settings.max_batch_images,
-        batch_wait_ms=settings.batch_wait_ms,
-        heartbeat_s=settings.heartbeat_s,
-        drain_timeout_s=settings.drain_timeout_s,
-        warmup=settings.warmup,
-        model_name=settings.model_name,
-        metrics=metrics.worker_metrics(),
-        max_attempts=settings.max_deliveries,
-    )
-
-
-def run_worker_process(settings) -> int:
-    """``snapgen worker``: one worker process on a Redis queue, until SIGTERM."""
-    from . import metrics
-    from .queue import RedisJobQueue
-
-    queue = RedisJobQueue.from_settings(settings)
-    worker = build_worker(queue, settings, settings.worker_name)
-    worker.install_signal_handlers()
-    if settings.worker_metrics_port is not None:
-        metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)
-    worker.run()
-    queue.close()
-    return 0
-
-
-def load_backend(settings) -> Backend:
-    from .backends import TorchBackend
-
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-    model = settings.model
-    if model is None:
-        from snapgen.model_dir import default_model_dir
-
-        model = default_model_dir()
-    if settings.backend == "triton":
-        from .triton_backend import TritonBackend
-
-        return TritonBackend(model, settings.triton_url, name=settings.model_name)
-    return TorchBackend(
-        model,
-        device=settings.device,
-        dtype=settings.dtype,
-        channels_last=settings.channels_last,
-        compile=settings.compile,
-        trace_unet=settings.trace_unet,
-        name=settings.model_name,
-    )

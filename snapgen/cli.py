@@ -116,6 +116,7 @@ def _load(model: Path | None, device: str):
 def cmd_generate(args) -> None:
     from tqdm import tqdm
 
+    from .image_files import encode_image
     from .model_dir import write_file_atomically
     from .request import GenerationRequest, InvalidRequestError
 
@@ -154,9 +155,9 @@ def cmd_generate(args) -> None:
 
     with tqdm(total=resolved.images * resolved.steps, unit="step", disable=None, desc="sampling") as bar:
         for start, chunk in zip(range(0, resolved.images, args.batch_size), resolved.chunks(args.batch_size)):
-            result = pipeline.run(chunk, on_step=lambda i, n, x, k=chunk.images: bar.update(k))
+            result = pipeline.run(chunk, on_step=lambda i, n, x, k=chunk.images: bar.update(k), output_type="np")
             for image, path in zip(result.images, outputs[start : start + chunk.images], strict=True):
-                write_file_atomically(path, lambda f, image=image: image.save(f, format="PNG"))
+                write_file_atomically(path, lambda f, image=image: f.write(encode_image(image, "png")))
     where = outputs[0] if len(outputs) == 1 else args.out_dir
     print(f"wrote {len(outputs)} image(s) to {where}")
 

@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None, 
     async def lifespan(app: FastAPI):
         worker = None
         if isinstance(queue, MemoryJobQueue) and start_worker:
-            from ..worker import build_worker
+            from ..worker_process import build_worker
 
             worker = build_worker(queue, settings, "embedded")
             worker.start_thread()

@@ -2,7 +2,8 @@
 
 Shared state lives on ``app.state`` (set by :func:`server.api.app.create_app`): ``settings``,
 ``queue``, ``keys``, ``bundles`` and ``model_info``. Handlers get it through these dependencies,
-so a test can build an app with one router and its own state.
+so a test can build an app with one router and its own state. They are ``async``: FastAPI runs a
+plain ``def`` dependency in a thread pool, a hop that costs more than the lookup itself.
 """
 
 import math
@@ -24,32 +25,29 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_keys(request: Request) -> ApiKeys:
+async def get_keys(request: Request) -> ApiKeys:
     return request.app.state.keys
 
 
-def get_bundles(request: Request) -> BundleStore:
+async def get_bundles(request: Request) -> BundleStore:
     return request.app.state.bundles
 
 
-def base_url(request: Request) -> str:
+async def base_url(request: Request) -> str:
     """Where this server is reached, for links in responses."""
     settings: Settings = request.app.state.settings
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
-async def principal(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    keys: Annotated[ApiKeys, Depends(get_keys)],
-) -> str:
+def authenticate(credentials: HTTPAuthorizationCredentials | None, keys: ApiKeys) -> str:
     """Who is asking: a key id, or "anonymous" when the server has no keys."""
     if not keys.enabled:
         return "anonymous"
@@ -66,14 +64,21 @@ async def principal(
     return ident
 
 
-async def rate_limited(
-    request: Request,
-    owner: Annotated[str, Depends(principal)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    queue: Annotated[JobQueue, Depends(get_queue)],
-    keys: Annotated[ApiKeys, Depends(get_keys)],
+# The two dependencies on every /v1 request read the state directly rather than through further
+# dependencies: each level of FastAPI's dependency solving costs about as much as the lookup it wraps.
+async def principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> str:
+    """Who is asking (see :func:`authenticate`), with the app's keys."""
+    return authenticate(credentials, request.app.state.keys)
+
+
+async def rate_limited(request: Request, owner: Annotated[str, Depends(principal)]) -> str:
     """The principal, once it is within SNAPGEN_RATE_LIMIT_PER_MINUTE (per key, or per client without keys)."""
+    state = request.app.state
+    settings: Settings = state.settings
+    queue: JobQueue = state.queue
+    keys: ApiKeys = state.keys
     limit = settings.rate_limit_per_minute
     if limit <= 0:
         return owner
@@ -122,12 +127,6 @@ class ModelInfoCache:
             except QueueUnavailable:
                 self.expires = now + self.retry_s  # keep the last known model meanwhile
         return self.value
-
-
-async def model_info(request: Request, queue: Annotated[JobQueue, Depends(get_queue)]) -> dict | None:
-    """The served model's description, or None before any worker has described one."""
-    cache: ModelInfoCache = request.app.state.model_info
-    return await cache.get(queue)
 
 
 Owner = Annotated[str, Depends(principal)]

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.security import HTTPAuthorizationCredentials
 
 from server.api import create_app, errors
-from server.api.dependencies import ModelInfoCache, principal
+from server.api.dependencies import ModelInfoCache, authenticate
 from server.api.errors import APIError
 from server.api.routes import generate, jobs, ops
 from server.api.routes.generate import negotiate, new_job, parse_prefer
@@ -153,7 +153,7 @@ def test_an_unavailable_queue_says_why():
 def test_principal_called_directly():
     async def who(keys, token):
         credentials = None if token is None else HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
-        return await principal(credentials, keys)
+        return authenticate(credentials, keys)
 
     assert asyncio.run(who(ApiKeys([]), None)) == "anonymous"
     assert asyncio.run(who(ApiKeys(["k1"]), "k1")) == ApiKeys(["k1"]).lookup("k1")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from server.backends import TorchBackend
-from server.worker import encode_image
+from snapgen.image_files import encode_image
 from snapgen.model_dir import load_pipeline
 from snapgen.request import GenerationRequest, InvalidRequestError
 

@@ -16,7 +16,7 @@ from ...queue import CANCELED, SUCCEEDED, TERMINAL, IdempotencyConflict, Job, Jo
 from ...queue import fingerprint as request_fingerprint
 from ...settings import Settings
 from ..bodies import accepted_body, result_body
-from ..dependencies import BaseURL, Queue, get_settings, model_info, rate_limited
+from ..dependencies import base_url, rate_limited
 from ..errors import APIError
 from ..schemas import (
     BINARY,
@@ -119,10 +119,6 @@ async def generate(
     request: Request,
     body: GenerateRequest,
     owner: Annotated[str, Depends(rate_limited)],
-    queue: Queue,
-    settings: Annotated[Settings, Depends(get_settings)],
-    info: Annotated[dict | None, Depends(model_info)],
-    base: BaseURL,
     prefer: Annotated[
         str | None, Header(description="`respond-async` for 202 + a job; `wait=N` caps the sync wait")
     ] = None,
@@ -131,8 +127,11 @@ async def generate(
         Header(min_length=1, max_length=255, description="a retried request with the same key gets the same job"),
     ] = None,
 ):
+    state = request.app.state
+    queue: JobQueue = state.queue
+    settings: Settings = state.settings
     mode = negotiate(request.headers.get("accept"))
-    job = new_job(body, mode, owner, info)
+    job = new_job(body, mode, owner, await state.model_info.get(queue))
     idempotency = None
     if idempotency_key:
         idempotency = (idempotency_key, request_fingerprint({**body.model_dump(), "_accept": mode}))
@@ -173,7 +172,7 @@ async def generate(
             images = await queue.images(final.id, 1)
             seed = (final.result or {}).get("seeds", [job.request.seed])[0]
             return Response(images[0] or b"", media_type=MEDIA_TYPES[mode], headers={**headers, "X-Seed": str(seed)})
-        return JSONResponse(await result_body(final, base, queue), headers=headers)
+        return JSONResponse(await result_body(final, await base_url(request), queue), headers=headers)
     if final.status == CANCELED:
         raise APIError(409, "canceled", f"job {final.id} was canceled before it finished")
     error = final.error or {}
