@@ -48,6 +48,7 @@ class Backend(ABC):
     """A loaded model that turns resolved requests into images."""
 
     card: ModelCard
+    provenance: tuple[str, str | None]  # (model directory name, U-Net sha256): what saved PNGs record
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -149,6 +150,7 @@ class TorchBackend(StagedBackend):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.pipe = load_pipeline(model_dir, device=device, dtype=getattr(torch, DTYPES[dtype]))
         self.card = named(self.pipe.card, name)
+        self.provenance = self.pipe.provenance()
         self.sampler = self.pipe.sampler
         self.latent_channels = self.pipe.latent_channels
         self.latent_factor = int(self.pipe.latent_factor)

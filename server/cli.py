@@ -128,6 +128,30 @@ def _prepare_multiprocess_metrics() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="snapgen-metrics-")
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so a busy port fails in one line now, not after the model loads.
+
+    With SO_REUSEADDR, as uvicorn binds: a port left in TIME_WAIT by an earlier server is free to it."""
+    import errno
+    import socket
+
+    from snapgen.cli import CLIError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CLIError(f"--host {host}: not an address this machine can listen on ({e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            flag = f"--port {port}" if e.errno in (errno.EADDRINUSE, errno.EACCES) else f"--host {host}"
+            raise CLIError(f"{flag}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> None:
     from snapgen.cli import CLIError
 
@@ -145,6 +169,7 @@ def cmd_serve(args) -> None:
         settings = settings.model_copy(update={"model": _model_dir(settings)})
     elif args.model is not None:
         raise CLIError("`serve --redis` runs the API only; give --model to `snapgen worker`")
+    _check_can_listen(settings.host, settings.port)
     _logging(settings)
 
     import uvicorn

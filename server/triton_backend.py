@@ -50,6 +50,7 @@ class TritonBackend(StagedBackend):
     def __init__(self, model_dir: str | Path, url: str, name: str | None = None, timeout_s: float = 300.0):
         import torch
 
+        from snapgen.model_dir import provenance
         from snapgen.request import ModelCard
         from snapgen.sampling import SamplerConfig
         from snapgen.text import load_tokenizers
@@ -63,6 +64,7 @@ class TritonBackend(StagedBackend):
         self.sampler = SamplerConfig.load(model_dir / "scheduler")
         self.tokenizers = load_tokenizers(model_dir / "text_encoder")
         self.card = named(ModelCard.from_model_dir(model_dir), name)
+        self.provenance = provenance(model_dir)
         self.latent_channels = self.shapes.latent_channels
         self.latent_factor = self.shapes.latent_factor
         self.model_names = {c: MODEL_NAMES[c] for c in MODELS}

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from snapgen.image_files import encode_image
+from snapgen.image_files import encode_image, image_parameters
 from snapgen.request import InvalidRequestError, ResolvedRequest
 
 from .backends import Backend, BackendUnavailable
@@ -367,7 +367,9 @@ class Worker:
             if job.id in canceled:
                 continue
             t0 = time.perf_counter()
-            encoded = [encode_image(a, request.output_format) for a in images]
+            model, unet_sha256 = self.backend.provenance
+            encoded = [encode_image(a, request.output_format, image_parameters(request, i, model, unet_sha256))
+                       for i, a in enumerate(images)]  # fmt: skip
             encode_s = time.perf_counter() - t0
             result = {
                 "model": self.info["id"],

@@ -10,24 +10,27 @@ the three model stages run, which they provide as :class:`GenerationStages`:
 
 The images then depend only on the request and the weights: image ``i`` starts from the portable
 noise of ``request.seeds[i]``, so the same seed gives the same image from every front door.
+
+Image-to-image (SDEdit on the straight path): the input's latents ``x0`` are moved to flow time ``t``
+by ``x_t = (1 - t) x0 + t eps`` and sampled back to 0 along the rest of the schedule. ``t`` is the
+time of the request's schedule nearest ``strength`` (for a step-distilled model, one of the times it
+was distilled for), 0 included: a strength near 0 runs no step and returns the input's latents.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from .flow import interpolate
 from .noise import randn_tensor
 from .request import ResolvedRequest
-from .sampling import SamplerConfig, cfg_velocity, guided, sample_euler
+from .sampling import SamplerConfig, StepCallback, cfg_velocity, guided, sample_euler
 from .text import TextEmbeddings
-
-StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 class GenerationStages(Protocol):
@@ -61,9 +64,14 @@ def generate(
     request: ResolvedRequest,
     on_step: StepCallback | None = None,
     decode: bool = True,
+    noise: torch.Tensor | None = None,
+    image_latents: torch.Tensor | None = None,
 ) -> Generated:
-    """Run ``request`` on ``stages``. ``on_step(step, steps, latents)`` after every step; raising from it stops.
+    """Run ``request`` on ``stages``. ``on_step(step, steps, latents)`` after every step: raising from it
+    stops, returning a tensor replaces the latents.
 
+    ``noise`` replaces the portable noise of the seeds (a caller's own starting latents); ``image_latents``
+    (diffusion latents, one per image) are the input of an image-to-image request (``request.strength``).
     The unconditional text (the negative prompts) is encoded only when guidance needs it.
     """
     start = time.perf_counter()
@@ -73,11 +81,21 @@ def generate(
     text_done = time.perf_counter()
 
     f = stages.latent_factor
-    shape = (stages.latent_channels, request.height // f, request.width // f)
-    noise = randn_tensor(list(request.seeds), shape, device=stages.device, dtype=stages.dtype)
+    shape = (request.images, stages.latent_channels, request.height // f, request.width // f)
+    if noise is None:
+        noise = randn_tensor(list(request.seeds), shape[1:], device=stages.device, dtype=stages.dtype)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"the starting latents have shape {tuple(noise.shape)}; this request needs {shape}")
+    noise = noise.to(device=stages.device, dtype=stages.dtype)
     timesteps = stages.sampler.timesteps(request.steps, request.height, request.width)
+    x_start = noise
+    if request.strength is not None:
+        if image_latents is None or tuple(image_latents.shape) != shape:
+            raise ValueError(f"an image-to-image request needs the input's latents, shape {shape}")
+        timesteps = timesteps[image_to_image_start(timesteps, request.strength) :]
+        x_start = interpolate(image_latents.to(device=stages.device, dtype=stages.dtype), noise, float(timesteps[0]))
     velocity = guided(cfg_velocity(stages.unet_velocity, cond, uncond), request.guidance_scale)
-    latents = sample_euler(velocity, noise, timesteps, on_step)
+    latents = sample_euler(velocity, x_start, timesteps, on_step)
     unet_done = time.perf_counter()
 
     pixels = stages.decode(latents) if decode else None
@@ -85,6 +103,11 @@ def generate(
     timings = {"text_s": text_done - start, "unet_s": unet_done - text_done, "decode_s": end - unet_done,
                "total_s": end - start}  # fmt: skip
     return Generated(latents=latents, pixels=pixels, timings=timings)
+
+
+def image_to_image_start(timesteps: torch.Tensor, strength: float) -> int:
+    """The index of the schedule's time nearest ``strength`` (the last, 0, included): where SDEdit starts."""
+    return int(torch.argmin((timesteps.double() - strength).abs()))
 
 
 def to_uint8(pixels: torch.Tensor) -> list[np.ndarray]:

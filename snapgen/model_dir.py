@@ -2,7 +2,7 @@
 
 Layout (diffusers-style)::
 
-    model_index.json            # component classes, resolutions, latent factor, version
+    model_index.json            # pipeline and component classes (diffusers' format), resolutions, latent factor
     unet/                       # SnapGenUNet: config.json + diffusion_pytorch_model.safetensors
     decoder/                    # TinyDecoder | SmallAutoencoder | AutoencoderKL | AutoencoderTiny
     text_encoder/               # config.json (+ merge.safetensors for merged encoders)
@@ -12,27 +12,39 @@ Layout (diffusers-style)::
 
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
 leaves a half-written model behind.
+
+Importing this module is cheap (no torch, diffusers or transformers): a command reads a directory's
+JSON (:func:`read_model_card`) and rejects a bad request before it loads anything. The model code is
+imported by the functions that need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .models.autoencoder import ENCODER_CLASSES, latent_class_name, load_decoder
-from .models.unet import SnapGenUNet
-from .pipeline import SnapGenPipeline
-from .sampling import SAMPLER_CONFIG_NAME, SamplerConfig
-from .text import TextEncoder, load_text_encoder, save_text_encoder
+from .request import ModelCard
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models.unet import SnapGenUNet
+    from .pipeline import SnapGenPipeline
+    from .sampling import SamplerConfig
+    from .text import TextEncoder
 
 MODEL_INDEX = "model_index.json"
+# The model index's ``_class_name``: what ``diffusers.DiffusionPipeline.from_pretrained`` resolves, as an
+# attribute of the diffusers module, once ``snapgen.diffusers_pipeline`` is imported (see docs/diffusers.md).
+DIFFUSERS_PIPELINE_CLASS = "SnapGenDiffusionPipeline"
 COMPONENTS = ("unet", "decoder", "text_encoder", "scheduler")
 AUTOENCODER = "autoencoder"  # optional component
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "snapgen-shapes"
@@ -80,9 +92,63 @@ def read_model_index(directory: str | Path) -> dict:
     return json.loads((check_model_dir(directory) / MODEL_INDEX).read_text())
 
 
+# What a light reader fills in where a JSON file leaves a key out: SamplerConfig's defaults and each
+# text encoder's default max_length (tests keep them equal to the classes').
+SAMPLER_DEFAULTS = {"default_steps": 28, "max_steps": 50, "guidance_scale": 1.0}
+TOKEN_LENGTH_DEFAULTS = {"minilm": 32, "clip": 77, "gemma2": 128}
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelDirectoryError(f"{what} is missing: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_lengths(config, where: Path) -> list[int]:
+    leaves = config.get("kwargs", {}).get("encoders", []) if config.get("type") == "merged" else [config]
+    lengths = []
+    for i, leaf in enumerate(leaves):
+        kind = leaf.get("type") if isinstance(leaf, dict) else None
+        if kind not in TOKEN_LENGTH_DEFAULTS:
+            allowed = ", ".join(sorted(TOKEN_LENGTH_DEFAULTS))
+            raise ValueError(f"{where}: encoder {i} has unknown type {kind!r}; allowed: {allowed}")
+        lengths.append(int(leaf.get("kwargs", {}).get("max_length", TOKEN_LENGTH_DEFAULTS[kind])))
+    return lengths
+
+
+def read_model_card(directory: str | Path, id: str | None = None) -> ModelCard:
+    """The directory's :class:`~snapgen.request.ModelCard` (what ``ModelCard.from_model_dir`` gives) from its
+    JSON files alone: no torch, no model code, so a request can be checked in milliseconds before a load."""
+    directory = Path(directory)
+    index = read_model_index(directory)
+    scheduler = _read_json(directory / "scheduler" / "scheduler_config.json", "the scheduler config")
+    sampler = {**SAMPLER_DEFAULTS, **{k: v for k, v in scheduler.items() if k in SAMPLER_DEFAULTS}}
+    text_file = directory / "text_encoder" / "config.json"
+    factor = int(index["latent_factor"])
+    sizes = index.get("resolutions")
+    if not sizes:
+        side = _read_json(directory / "unet" / "config.json", "the U-Net config")["sample_size"] * factor
+        sizes = [(side, side)]
+    return ModelCard(
+        id=id or directory.resolve().name,
+        sizes=tuple(tuple(s) for s in sizes),
+        default_steps=int(sampler["default_steps"]),
+        max_steps=int(sampler["max_steps"]),
+        guidance_scale=float(sampler["guidance_scale"]),
+        distilled_steps=tuple(int(s) for s in scheduler.get("distilled_timesteps") or {}),
+        max_prompt_tokens=sum(_token_lengths(_read_json(text_file, "the text-encoder config"), text_file)),
+        latent_factor=factor,
+    )
+
+
 def encoder_dir(directory: str | Path) -> Path:
     """The folder holding the encoder of a model directory's latent space: its ``autoencoder/``,
     or its decoder when that is a whole autoencoder. What training reads to continue from a model."""
+    from .models.autoencoder import ENCODER_CLASSES, latent_class_name
+
     directory = check_model_dir(directory)
     for folder in (directory / AUTOENCODER, directory / "decoder"):
         if (folder / "config.json").is_file() and latent_class_name(folder) in ENCODER_CLASSES:
@@ -142,6 +208,16 @@ def save_component(model, path: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def component_entry(component) -> list[str]:
+    """``[library, class]`` naming a component in ``model_index.json``, as diffusers' own ``save_pretrained``
+    records it: ``diffusers``/``transformers`` for their classes, else the module that defines the class.
+    diffusers' loader looks the class up in that module (imported by the caller, never by diffusers) and
+    checks it against the base classes found beside it."""
+    module = type(component).__module__
+    library = module.split(".")[0]
+    return [library if library in ("diffusers", "transformers") else module, type(component).__name__]
+
+
 def save_model(
     directory: str | Path,
     unet: SnapGenUNet,
@@ -154,6 +230,8 @@ def save_model(
 ) -> Path:
     """Write a complete model directory atomically. ``decoder_model`` is the raw ModelMixin;
     ``autoencoder`` (optional) the one the latents came from, kept so the model can be fine-tuned."""
+    from .text import save_text_encoder
+
     directory = Path(directory).resolve()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --force) to replace it")
@@ -168,14 +246,14 @@ def save_model(
         factor = latent_factor(decoder_model)
         native = unet.config.sample_size * factor
         index = {
-            "_class_name": "SnapGenPipeline",
+            "_class_name": DIFFUSERS_PIPELINE_CLASS,
+            "_diffusers_version": importlib.metadata.version("diffusers"),
             "_snapgen_version": __version__,
-            "unet": ["snapgen.models", type(unet).__name__],
-            "decoder": [type(decoder_model).__module__.split(".")[0], type(decoder_model).__name__],
-            "text_encoder": ["snapgen.text", type(text_encoder).__name__],
-            "scheduler": ["snapgen.sampling", "SamplerConfig"],
-            **({AUTOENCODER: [type(autoencoder).__module__.split(".")[0], type(autoencoder).__name__]}
-               if autoencoder is not None else {}),
+            "unet": component_entry(unet),
+            "decoder": component_entry(decoder_model),
+            "text_encoder": component_entry(text_encoder),
+            "scheduler": component_entry(sampler),
+            **({AUTOENCODER: component_entry(autoencoder)} if autoencoder is not None else {}),
             "latent_factor": factor,
             "resolutions": [list(r) for r in (resolutions or [(native, native)])],
         }
@@ -184,17 +262,45 @@ def save_model(
     return write_atomically(directory, fill)
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bars():
+    """transformers draws a "Loading weights" bar per checkpoint; a pipeline load is one step to its
+    caller, whose own progress (a sampling bar) is the one to show."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(
     directory: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> SnapGenPipeline:
-    """Load a model directory (the embedded default when ``directory`` is None)."""
+    """Load a model directory (the embedded default when ``directory`` is None); ``dtype``: float32 if None.
+
+    Imports only the classes the directory names (diffusers' autoencoders only for such a decoder)."""
+    import torch
+
+    from .models.autoencoder import load_decoder
+    from .models.unet import SnapGenUNet
+    from .pipeline import SnapGenPipeline
+    from .sampling import SamplerConfig
+    from .text import load_text_encoder
+
+    dtype = torch.float32 if dtype is None else dtype
     directory = Path(directory) if directory is not None else default_model_dir()
     index = read_model_index(directory)
+    # Loaded in their final dtype: casting afterwards with .to(dtype) is what diffusers warns about.
     unet = SnapGenUNet.from_pretrained(directory / "unet", use_safetensors=True, torch_dtype=dtype)
     decoder = load_decoder(directory / "decoder", torch_dtype=dtype)
-    text_encoder = load_text_encoder(directory / "text_encoder")
+    with _no_weight_loading_bars():
+        text_encoder = load_text_encoder(directory / "text_encoder")
     sampler = SamplerConfig.load(directory / "scheduler")
     pipeline = SnapGenPipeline(
         unet,
@@ -208,21 +314,31 @@ def load_pipeline(
     return pipeline.to(device=device)
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def weight_files(directory: str | Path) -> dict[str, str]:
     """sha256 of every weight file in the model directory, keyed by relative path."""
     directory = Path(directory)
-    digests = {}
-    for path in sorted(directory.rglob("*.safetensors")):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[str(path.relative_to(directory))] = h.hexdigest()
-    return digests
+    return {str(path.relative_to(directory)): file_sha256(path) for path in sorted(directory.rglob("*.safetensors"))}
+
+
+def provenance(directory: str | Path) -> tuple[str, str | None]:
+    """What saved images name their model by: the directory's name and the sha256 of its U-Net weights."""
+    directory = Path(directory).resolve()
+    weights = sorted((directory / "unet").glob("*.safetensors"))
+    return directory.name, (file_sha256(weights[0]) if len(weights) == 1 else None)
 
 
 def describe_model(directory: str | Path) -> dict:
     """What ``snapgen info --model`` prints: path, params per component, configs, weight hashes."""
+    from .sampling import SAMPLER_CONFIG_NAME
+
     directory = check_model_dir(directory).resolve()
     pipeline = load_pipeline(directory)
     params = {

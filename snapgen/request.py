@@ -103,28 +103,10 @@ class ModelCard:
 
     @classmethod
     def from_model_dir(cls, directory: str | Path, id: str | None = None) -> ModelCard:
-        from .model_dir import read_model_index
-        from .sampling import SamplerConfig
-        from .text import token_lengths
+        """Read from the directory's JSON files alone (no weights, no torch): ``snapgen.model_dir.read_model_card``."""
+        from .model_dir import read_model_card
 
-        directory = Path(directory)
-        index = read_model_index(directory)
-        sampler = SamplerConfig.load(directory / "scheduler")
-        factor = int(index["latent_factor"])
-        sizes = index.get("resolutions")
-        if not sizes:
-            side = json.loads((directory / "unet" / "config.json").read_text())["sample_size"] * factor
-            sizes = [(side, side)]
-        return cls(
-            id=id or directory.resolve().name,
-            sizes=tuple(tuple(s) for s in sizes),
-            default_steps=sampler.default_steps,
-            max_steps=sampler.max_steps,
-            guidance_scale=sampler.guidance_scale,
-            distilled_steps=tuple(int(s) for s in sampler.distilled_timesteps),
-            max_prompt_tokens=sum(token_lengths(directory / "text_encoder")),
-            latent_factor=factor,
-        )
+        return read_model_card(directory, id)
 
 
 @dataclass(frozen=True)
@@ -135,6 +117,8 @@ class GenerationRequest:
     for all prompts or one per prompt; it is what guidance (``guidance_scale != 1``) steers away from.
     ``seed`` is one seed (image ``i`` uses ``seed + i``), one per image, or None (drawn at random by
     :meth:`with_seed`, which a server calls before queueing, so the seed is recorded and returned).
+    ``strength`` asks for image-to-image: how far towards noise the input image is taken before
+    sampling back (1 ignores it, near 0 keeps it); the image itself travels beside the request.
     Fields that need no model are checked here, on construction; the rest in :meth:`resolve`.
     """
 
@@ -147,6 +131,7 @@ class GenerationRequest:
     height: int | None = None
     width: int | None = None
     output_format: str = "png"
+    strength: float | None = None
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt", "seed"):
@@ -197,6 +182,10 @@ class GenerationRequest:
             raise InvalidRequestError(
                 "output_format", f"got {self.output_format!r}; allowed: {', '.join(OUTPUT_FORMATS)}"
             )
+        if self.strength is not None:
+            s = self.strength
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1:
+                raise InvalidRequestError("strength", f"got {s!r}; allowed: a number from 0 to 1")
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -266,6 +255,7 @@ class GenerationRequest:
             height=height,
             width=width,
             output_format=self.output_format,
+            strength=None if self.strength is None else float(self.strength),
         )
 
     # -- serialisation (a queue stores the request as this JSON) ----------------------------------
@@ -304,22 +294,28 @@ class ResolvedRequest:
     height: int
     width: int
     output_format: str = "png"
+    strength: float | None = None  # image-to-image (see GenerationRequest)
 
     @property
     def images(self) -> int:
         return len(self.prompts)
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
+    def negative_prompt_unused(self) -> bool:
+        """A negative prompt was given, but at guidance 1 the unconditional pass it feeds is skipped."""
+        return self.guidance_scale == 1.0 and any(self.negative_prompts)
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, float, float | None]:
         """Requests with equal keys can run as one batch."""
-        return (self.height, self.width, self.steps, self.guidance_scale)
+        return (self.height, self.width, self.steps, self.guidance_scale, self.strength)
 
     @classmethod
     def concat(cls, requests: Sequence[ResolvedRequest]) -> ResolvedRequest:
         """One batch of several requests that share a :attr:`batch_key`."""
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
-            raise ValueError("only requests with the same size, steps and guidance can share a batch")
+            raise ValueError("only requests with the same size, steps, guidance and strength can share a batch")
         return replace(
             first,
             prompts=tuple(p for r in requests for p in r.prompts),

@@ -19,20 +19,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .flow import resolution_shift, shift_time
 from .text import TextEmbeddings, concat_text
 
 SAMPLER_CONFIG_NAME = "scheduler_config.json"
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[int, int, torch.Tensor], None]
+# ``on_step(step, steps, latents)``: None to go on, or a tensor that replaces the latents.
+StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 # A model call on noised latents, times and text: ``call(x, t, text) -> velocity``.
 ModelCall = Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor]
 
 
 @dataclass
-class SamplerConfig:
-    """What a model directory says about how to sample it (``scheduler/scheduler_config.json``)."""
+class SamplerConfig(SchedulerMixin):
+    """What a model directory says about how to sample it (``scheduler/scheduler_config.json``).
+
+    A diffusers ``SchedulerMixin`` only so that ``DiffusionPipeline.from_pretrained`` loads it as a
+    pipeline's ``scheduler`` (diffusers loads only classes derived from a base it knows); it keeps its own
+    file format, through :meth:`from_pretrained` and :meth:`save_pretrained`.
+    """
 
     default_steps: int = 28
     guidance_scale: float = 1.0
@@ -66,6 +73,18 @@ class SamplerConfig:
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)} in {directory}/{SAMPLER_CONFIG_NAME}")
         return cls(**data)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs
+    ) -> SamplerConfig:
+        """:meth:`load` in diffusers' shape: a local directory, optionally its ``subfolder``; other keywords ignored."""
+        directory = Path(pretrained_model_name_or_path)
+        return cls.load(directory / subfolder if subfolder else directory)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """:meth:`save` in diffusers' shape (its keywords are ignored)."""
+        self.save(save_directory)
 
     def timesteps(self, steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The ``steps + 1`` flow times, from 1 to 0, used for ``steps`` Euler steps."""
@@ -132,7 +151,7 @@ def sample_euler(
     ``timesteps`` is ``(steps + 1,)``, shared by the batch, or ``(steps + 1, batch)``: a schedule
     per sample (LADD's distillation target steps each sample through its own segment).
     ``on_step(i, n, x)`` runs after each step; raising from it stops sampling (how a server
-    cancels a running job).
+    cancels a running job), returning a tensor replaces ``x`` (how a caller edits the latents).
     """
     x = noise
     n = len(timesteps) - 1
@@ -148,5 +167,7 @@ def sample_euler(
         v = velocity(x, t_batch)
         x = (x.float() + step * v.float()).to(noise.dtype)
         if on_step is not None:
-            on_step(i + 1, n, x)
+            replaced = on_step(i + 1, n, x)
+            if replaced is not None:
+                x = replaced.to(device=x.device, dtype=x.dtype)
     return x

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 __all__ = [
@@ -138,8 +139,13 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-class TextEncoder(nn.Module, ABC):
+class TextEncoder(ModelMixin, ABC):
     """Abstract text encoder.
+
+    A diffusers ``ModelMixin`` so that ``DiffusionPipeline.from_pretrained`` can load one as a pipeline
+    component: diffusers only loads classes derived from a base it knows (``ModelMixin``, ``SchedulerMixin``,
+    transformers' ``PreTrainedModel``, ...), looked up in the module a ``model_index.json`` names. Saving and
+    loading are this module's own (:meth:`save_pretrained`, :meth:`from_pretrained`), not ModelMixin's.
 
     Attributes:
         token_dim: D, the width of ``TextEmbeddings.tokens``.
@@ -150,6 +156,27 @@ class TextEncoder(nn.Module, ABC):
     token_dim: int
     pooled_dim: int | None
     max_length: int
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> TextEncoder:
+        """Load an encoder written by :meth:`save_pretrained` (a local directory; ``subfolder`` inside it).
+
+        What diffusers' pipeline loader calls for a ``text_encoder/`` folder. The keywords it passes to every
+        model (``torch_dtype``, ``device_map``, ``low_cpu_mem_usage``, ...) are accepted and ignored: the
+        encoder's dtype is part of its config, and pipelines keep the text encoder in its own dtype (float32),
+        casting its embeddings to the U-Net's.
+        """
+        directory = Path(pretrained_model_name_or_path)
+        encoder = load_text_encoder(directory / subfolder if subfolder else directory)
+        if not isinstance(encoder, cls):
+            raise ValueError(f"{directory} holds a {type(encoder).__name__}, not a {cls.__name__}")
+        return encoder
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write this encoder to ``save_directory`` (:func:`save_text_encoder`); diffusers' keywords are ignored."""
+        save_text_encoder(self, save_directory)
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> TextEmbeddings:

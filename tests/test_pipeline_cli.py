@@ -34,7 +34,7 @@ def pipe(model_dir):
 
 def test_model_directory_layout(model_dir):
     index = json.loads((model_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "SnapGenPipeline"
+    assert index["_class_name"] == "SnapGenDiffusionPipeline"  # what diffusers resolves (docs/diffusers.md)
     assert index["latent_factor"] == 8 and index["resolutions"] == [[128, 128]]
     for component in ("unet", "decoder", "text_encoder", "scheduler"):
         assert (model_dir / component).is_dir()

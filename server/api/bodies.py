@@ -3,6 +3,7 @@
 import base64
 
 from ..queue import CANCELED, FAILED, QUEUED, SUCCEEDED, Job, JobQueue
+from .schemas import GenerateRequest
 
 
 async def result_body(job: Job, base: str, queue: JobQueue) -> dict:
@@ -46,7 +47,7 @@ async def job_body(job: Job, base: str, queue: JobQueue) -> dict:
         "progress": {"step": job.step, "steps": job.steps or job.request.steps or 0},
         "queue_position": job.queue_position if job.status == QUEUED else None,
         "cancel_requested": job.cancel_requested,
-        "request": {**job.request.to_dict(), "response_format": job.response_format},
+        "request": echo_request(job),
         "result": None,
         "error": None,
     }
@@ -57,6 +58,13 @@ async def job_body(job: Job, base: str, queue: JobQueue) -> dict:
     elif job.status == CANCELED:
         body["error"] = {"code": "canceled", "message": "the job was canceled"}
     return body
+
+
+def echo_request(job: Job) -> dict:
+    """The job's request in the fields POST /v1/generate takes (defaults and seed filled in): sent back as it is,
+    it asks for the same images."""
+    fields = {**job.request.to_dict(), "response_format": job.response_format}
+    return {name: fields[name] for name in GenerateRequest.model_fields if name in fields}
 
 
 def accepted_body(job: Job) -> dict:

@@ -19,7 +19,6 @@ import math
 import os
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -159,12 +158,25 @@ class SmallAutoencoder(ModelMixin, ConfigMixin):
 
 DECODER_CLASSES = ("TinyDecoder", "SmallAutoencoder", "AutoencoderKL", "AutoencoderTiny")
 ENCODER_CLASSES = ("SmallAutoencoder", "AutoencoderKL", "AutoencoderTiny")
-_MODEL_CLASSES = {
-    "TinyDecoder": TinyDecoder,
-    "SmallAutoencoder": SmallAutoencoder,
-    "AutoencoderKL": AutoencoderKL,
-    "AutoencoderTiny": AutoencoderTiny,
-}
+# diffusers' autoencoders are imported only when a directory names one: importing them pulls in most
+# of diffusers' model zoo (seconds), which a tiny decoder or small autoencoder never needs.
+DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def _model_class(class_name: str) -> type:
+    if class_name == "TinyDecoder":
+        return TinyDecoder
+    if class_name == "SmallAutoencoder":
+        return SmallAutoencoder
+    if class_name == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+    if class_name == "AutoencoderTiny":
+        from diffusers import AutoencoderTiny
+
+        return AutoencoderTiny
+    raise ValueError(f"unknown latent model class {class_name!r}; known: {', '.join(DECODER_CLASSES)}")
 
 
 class _LatentCodec(nn.Module):
@@ -199,7 +211,7 @@ class LatentDecoder(_LatentCodec):
     """Uniform decoder: ``decode(z_raw) -> Tensor`` in [-1, 1], whatever the wrapped class."""
 
     def decode(self, z_raw: torch.Tensor) -> torch.Tensor:
-        if self.class_name in ("AutoencoderKL", "AutoencoderTiny"):
+        if self.class_name in DIFFUSERS_CLASSES:
             x = self.model.decode(z_raw, return_dict=False)[0]
         else:  # TinyDecoder.decode, or the decoder half of a SmallAutoencoder
             x = self.model(z_raw)
@@ -244,7 +256,7 @@ def _load(path, subfolder, torch_dtype, allowed: tuple[str, ...], role: str):
             f"Cannot load {class_name!r} from {folder!r} as a latent {role}; allowed: {', '.join(allowed)}"
         )
     # Local directory + safetensors only: never a network call, never a pickle.
-    model = _MODEL_CLASSES[class_name].from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+    model = _model_class(class_name).from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
     return model.eval().requires_grad_(False), class_name
 
 

@@ -106,7 +106,7 @@ def test_a_model_with_a_tiny_decoder_carries_its_encoder_and_can_be_trained_on(m
     config = micro_config("pretrain", micro_root, {"autoencoder": micro_autoencoder}, max_steps=2,
                           out_dir=str(micro_root / "tiny"), stage_options={"decoder": str(tiny)})
     product = train(config)
-    assert read_model_index(product)["autoencoder"] == ["snapgen", "SmallAutoencoder"]
+    assert read_model_index(product)["autoencoder"] == ["snapgen.models.autoencoder", "SmallAutoencoder"]
     assert encoder_dir(product) == product / "autoencoder"
     shipped, original = load_encoder(encoder_dir(product)), load_encoder(micro_autoencoder)
     original_weights = original.model.state_dict()
