@@ -368,8 +368,15 @@ class Worker:
                 continue
             t0 = time.perf_counter()
             model, unet_sha256 = self.backend.provenance
-            encoded = [encode_image(a, request.output_format, image_parameters(request, i, model, unet_sha256))
-                       for i, a in enumerate(images)]  # fmt: skip
+            try:
+                encoded = [encode_image(a, request.output_format, image_parameters(request, i, model, unet_sha256))
+                           for i, a in enumerate(images)]  # fmt: skip
+            except Exception as e:  # this job's images, not the worker: its batch mates are still delivered
+                log.exception("worker %s: encoding the images of job %s failed", self.name, job.id)
+                error = {"code": "generation_failed", "message": f"encoding the images failed: {type(e).__name__}: {e}"}
+                self._write(lambda job=job, error=error: self.queue.fail(job, error))
+                self._count_finished("failed")
+                continue
             encode_s = time.perf_counter() - t0
             result = {
                 "model": self.info["id"],

@@ -138,51 +138,6 @@ def _model_card(directory: Path):
         raise CLIError(f"--model {directory}: {e}") from None
 
 
-def available_devices() -> list[str]:
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def check_device(device: str, flag: str = "--device") -> None:
-    """Refuse a device this machine does not have, in one line naming ``flag`` and what it has."""
-    if device == "cpu":
-        return
-    import torch
-
-    try:
-        kind = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"{flag} {device}: not a device name; available: {', '.join(available_devices())}") from None
-    if kind.type == "cpu":
-        return
-    if kind.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if torch.version.cuda is None and torch.version.hip is None:
-            why = f"this torch ({torch.__version__}) is built without CUDA"
-        elif count == 0:
-            why = "no CUDA device is visible"
-        elif (kind.index or 0) >= count:
-            why = f"there {'is 1 CUDA device' if count == 1 else f'are {count} CUDA devices'}"
-        else:
-            return
-    elif kind.type == "mps":
-        if torch.backends.mps.is_available():
-            return
-        why = "MPS (Apple GPUs) is not available here"
-    else:
-        backend = getattr(torch, kind.type, None)
-        if backend is not None and getattr(backend, "is_available", lambda: False)():
-            return
-        why = f"{kind.type} is not available here"
-    raise CLIError(f"{flag} {device}: {why}; available: {', '.join(available_devices())}")
-
-
 def _load(directory: Path, device: str):
     from .model_dir import ModelDirectoryError, load_pipeline
 
@@ -260,7 +215,12 @@ def cmd_generate(args) -> None:
 
     checked = time.perf_counter()
     with _collector_paused(args):
-        check_device(args.device)
+        from .devices import DeviceError, check_device
+
+        try:
+            check_device(args.device)
+        except DeviceError as e:
+            raise CLIError(str(e)) from None
         from tqdm import tqdm
 
         importlib.import_module(".pipeline", __package__)  # torch, diffusers, the model code: timed apart from the load
