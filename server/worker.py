@@ -56,7 +56,6 @@ class Worker:
         heartbeat_s: float = 2.0,
         drain_timeout_s: float = 20.0,
         warmup: bool = True,
-        model_name: str | None = None,
         metrics: Any = None,
         max_attempts: int | None = None,
     ):
@@ -68,7 +67,6 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.drain_timeout_s = drain_timeout_s
         self.do_warmup = warmup
-        self.model_name = model_name
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.backend: Backend | None = None
@@ -128,8 +126,6 @@ class Worker:
             self.state = "loading"
             self.backend = self.load_backend()
             self.info = self.backend.describe()
-            if self.model_name:
-                self.info["id"] = self.model_name
             self._start_up()
             if self._stopping.is_set():
                 return

@@ -20,7 +20,6 @@ def build_worker(queue, settings, name: str) -> Worker:
         heartbeat_s=settings.heartbeat_s,
         drain_timeout_s=settings.drain_timeout_s,
         warmup=settings.warmup,
-        model_name=settings.model_name,
         metrics=metrics.worker_metrics(),
         max_attempts=settings.max_deliveries,
     )

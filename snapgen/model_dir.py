@@ -21,6 +21,7 @@ imported by the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -329,10 +330,22 @@ def weight_files(directory: str | Path) -> dict[str, str]:
 
 
 def provenance(directory: str | Path) -> tuple[str, str | None]:
-    """What saved images name their model by: the directory's name and the sha256 of its U-Net weights."""
+    """What saved images name their model by: the directory's name and the sha256 of its U-Net weights.
+
+    The hash is read once per weights file (while its size and modification time stay the same): a
+    command that checks an image's model and then saves images with it pays for one pass over the file.
+    """
     directory = Path(directory).resolve()
     weights = sorted((directory / "unet").glob("*.safetensors"))
-    return directory.name, (file_sha256(weights[0]) if len(weights) == 1 else None)
+    if len(weights) != 1:
+        return directory.name, None
+    stat = weights[0].stat()
+    return directory.name, _cached_sha256(str(weights[0]), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def describe_model(directory: str | Path) -> dict:

@@ -58,7 +58,6 @@ class SnapGenPipeline:
         self.resolutions = [tuple(r) for r in (resolutions or [(native, native)])]
         self._traced_unet: TracedUNet | None = None
         self._encoder = None  # for image-to-image, loaded on first use
-        self._provenance: tuple[str, str | None] | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -84,7 +83,7 @@ class SnapGenPipeline:
         if self._traced_unet is not None:
             self._traced_unet.clear()  # the traces hold the tensors from before the move
         if self._encoder is not None:
-            self._encoder.to(device=device, dtype=dtype)
+            self._encoder.to(**move)
         return self
 
     def enable_unet_tracing(self, max_traces: int = 32) -> SnapGenPipeline:
@@ -121,13 +120,11 @@ class SnapGenPipeline:
         )
 
     def provenance(self) -> tuple[str, str | None]:
-        """(model name, sha256 of the U-Net weights) that saved images record, read once from the model directory."""
-        if self._provenance is None:
-            from .model_dir import provenance
+        """(model name, sha256 of the U-Net weights) that saved images record (``snapgen.model_dir.provenance``)."""
+        from .model_dir import provenance
 
-            model_dir = getattr(self, "model_dir", None)
-            self._provenance = provenance(model_dir) if model_dir else ("snapgen", None)
-        return self._provenance
+        model_dir = getattr(self, "model_dir", None)
+        return provenance(model_dir) if model_dir else ("snapgen", None)
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         return self.text_encoder.count_tokens(list(prompts))
@@ -139,7 +136,6 @@ class SnapGenPipeline:
     # -- the three stages ``snapgen.generation.generate`` runs ---------------------------------
     def encode_text(self, prompts: list[str]) -> TextEmbeddings:
         return self.text_encoder.encode(list(prompts)).to(device=self.device, dtype=self.dtype)
-
 
     def unet_velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
         if self._traced_unet is not None:
