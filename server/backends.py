@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from snapgen.request import GenerationRequest, ModelCard, ResolvedRequest
+from snapgen.request import GenerationRequest, InvalidRequestError, ModelCard, ResolvedRequest
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -34,6 +34,8 @@ class BackendOutput:
 
 
 StepCallback = Callable[[int, int, Any], None]
+# on_preview(step, steps, images): uint8 (H, W, 3) arrays of every image's estimate at this step.
+PreviewCallback = Callable[[int, int, list[Any]], None]
 
 
 class BackendUnavailable(RuntimeError):
@@ -49,6 +51,7 @@ class Backend(ABC):
 
     card: ModelCard
     provenance: tuple[str, str | None]  # (model directory name, U-Net sha256): what saved PNGs record
+    accepts_images: bool = False  # whether it can encode an input image (image-to-image)
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -59,8 +62,18 @@ class Backend(ABC):
         """``request`` checked against this model (``snapgen.request.InvalidRequestError`` when it cannot)."""
 
     @abstractmethod
-    def generate(self, request: ResolvedRequest, on_step: StepCallback | None = None) -> BackendOutput:
-        """Run the batch; ``on_step(step, steps, latents)`` after each step, raising from it stops."""
+    def generate(
+        self,
+        request: ResolvedRequest,
+        on_step: StepCallback | None = None,
+        inputs: list[Any] | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> BackendOutput:
+        """Run the batch; ``on_step(step, steps, latents)`` after each step, raising from it stops.
+
+        ``inputs``: one uint8 (H, W, 3) array of the request's size per image, the input of an image-to-image
+        request. ``on_preview``: called before ``on_step`` with a picture of where each image is heading.
+        """
 
     def health(self) -> str | None:
         """None when the backend can serve; else why not (shown at /readyz). In-process backends always can."""
@@ -101,21 +114,40 @@ class StagedBackend(Backend):
     @abstractmethod
     def count_tokens(self, prompts: list[str]) -> list[int]: ...
 
+    def image_latents(self, pixels):
+        """Input images in [-1, 1], (B, 3, H, W) -> diffusion latents; only where ``accepts_images``."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.card.to_dict(),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "backend": type(self).__name__,
+            "image_input": self.accepts_images,
         }
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        if request.strength is not None and not self.accepts_images:
+            raise InvalidRequestError("image", "this model cannot take an input image: it has no encoder")
         return request.resolve(self.card, self.count_tokens)
 
-    def generate(self, request: ResolvedRequest, on_step: StepCallback | None = None) -> BackendOutput:
+    def generate(self, request, on_step=None, inputs=None, on_preview=None) -> BackendOutput:
         from snapgen.generation import generate, to_uint8
+        from snapgen.pipeline import image_pixels
 
-        out = generate(self, request, on_step)
+        image_latents = None
+        if request.strength is not None:
+            if inputs is None or len(inputs) != request.images:
+                raise ValueError(f"an image-to-image batch needs {request.images} input images")
+            image_latents = self.image_latents(image_pixels(inputs))
+        on_x0 = None
+        if on_preview is not None:
+
+            def on_x0(step, steps, x0):
+                on_preview(step, steps, to_uint8(self.decode(x0)))
+
+        out = generate(self, request, on_step, image_latents=image_latents, on_x0=on_x0)
         return BackendOutput(images=to_uint8(out.pixels), timings=out.timings)
 
 
@@ -169,6 +201,7 @@ class TorchBackend(StagedBackend):
         else:
             self._unet = lambda *inputs: self.pipe.unet(*inputs).sample
         self._device, self._dtype = self.pipe.device, self.pipe.dtype
+        self.accepts_images = _has_encoder(model_dir)
 
     @property
     def device(self):
@@ -189,3 +222,16 @@ class TorchBackend(StagedBackend):
 
     def decode(self, latents):
         return self.pipe.decode(latents)
+
+    def image_latents(self, pixels):
+        return self.pipe.image_latents(pixels)
+
+
+def _has_encoder(model_dir) -> bool:
+    from snapgen.model_dir import ModelDirectoryError, encoder_dir
+
+    try:
+        encoder_dir(model_dir)
+    except ModelDirectoryError:
+        return False
+    return True

@@ -61,23 +61,25 @@ class BodySizeLimit:
     The body is read here first (it is small when it is allowed) and replayed to the app.
     """
 
-    def __init__(self, app, max_bytes: int, on_reject):
+    def __init__(self, app, max_bytes: int, on_reject, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
-        self.on_reject = on_reject  # async (scope, send) -> None, sends the 413
+        self.path_limits = path_limits or {}  # larger limits for the routes that take an input image
+        self.on_reject = on_reject  # async (scope, send, limit) -> None, sends the 413
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self.on_reject(scope, send)
+                if declared > limit:
+                    await self.on_reject(scope, send, limit)
                     return
         chunks, size = [], 0
         while True:
@@ -86,8 +88,8 @@ class BodySizeLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self.on_reject(scope, send)
+            if size > limit:
+                await self.on_reject(scope, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file with one API key per line (# comments)")
     allow_unauthenticated: bool = Field(False, description="allow binding a non-loopback host without API keys")
     rate_limit_per_minute: int = Field(0, ge=0, description="generate requests per key (or client) per minute; 0 = off")
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies without an input image")
+    max_image_bytes: int = Field(
+        8 << 20, ge=1024, description="the largest input image (image-to-image); the routes that take one allow it"
+    )
     max_prompt_chars: int = Field(2000, ge=1, le=20000)
     max_queue_depth: int = Field(256, ge=1, description="queued (not yet running) jobs before 429")
     sync_timeout_s: float = Field(300.0, gt=0, description="longest a synchronous request waits before answering 202")
@@ -62,6 +65,25 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base URL for result links (default: from the request)")
     mobile_dir: Path | None = Field(None, description="directory of Core ML bundles served by /v1/models/mobile")
 
+    # -- webhooks (server/webhooks/) --------------------------------------------------------------
+    webhook_secret: CommaList = Field(
+        default_factory=list,
+        description="whsec_<base64> secret(s) that sign webhooks (several during a rotation: each request carries one "
+        "signature per secret); unset = jobs with a webhook are refused (422). The API and every worker need it",
+    )
+    webhook_allowed_hosts: CommaList = Field(
+        default_factory=lambda: ["public"],
+        description="who may receive webhooks: public (globally routable addresses), IP addresses or networks, host "
+        "names (*.example.com); empty = none. Link-local and metadata addresses never",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="one webhook attempt, connect to answer")
+    webhook_max_attempts: int = Field(10, ge=1, le=100, description="attempts per webhook delivery before giving up")
+    webhook_retry_s: float = Field(1.0, gt=0, description="wait before the first retry; it doubles with each retry")
+    webhook_retry_max_s: float = Field(300.0, gt=0, description="longest wait between two attempts")
+    webhook_output_interval_s: float = Field(
+        0.5, ge=0, description="`output` (progress) webhooks of one job at most this often (first and last step always)"
+    )
+
     # -- workers --------------------------------------------------------------------------------
     worker_name: str | None = None
     max_batch_images: int = Field(8, ge=1, le=256)
@@ -72,11 +94,28 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0, description="on SIGTERM: finish the batch if done within this time")
     worker_metrics_port: int | None = Field(None, ge=0, le=65535)
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "webhook_secret", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secrets(cls, value: list[str]) -> list[str]:
+        from .webhooks import parse_secret
+
+        for secret in value:
+            parse_secret(secret)  # ValueError names the rule, never the secret
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts(cls, value: list[str]) -> list[str]:
+        from .webhooks import WebhookPolicy
+
+        WebhookPolicy(value)
         return value
 
     @field_validator("redis_url")

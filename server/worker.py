@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from snapgen.image_files import encode_image, image_parameters
+from snapgen.image_files import encode_image, encode_preview, fit_input_image, image_parameters
 from snapgen.request import InvalidRequestError, ResolvedRequest
 
 from .backends import Backend, BackendUnavailable
@@ -81,6 +81,7 @@ class Worker:
         self._buffer: list[Job] = []
         self._active: list[Job] = []
         self._resolved: dict[str, ResolvedRequest] = {}  # validated jobs, kept until they start
+        self._inputs: dict[str, Any] = {}  # their input images, decoded at the requested size
         self._avg_batch_s: float | None = None
         self._thread: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
@@ -238,6 +239,7 @@ class Worker:
         self._buffer = []
         jobs = [j for j in jobs if self._validate(j)]
         self._resolved = {j.id: self._resolved[j.id] for j in jobs}  # forget jobs handed back meanwhile
+        self._inputs = {j.id: self._inputs[j.id] for j in jobs if j.id in self._inputs}
         if not jobs:
             return
         group, rest = self._group(jobs)
@@ -263,13 +265,25 @@ class Worker:
         if job.id in self._resolved:
             return True
         try:
-            self._resolved[job.id] = self.backend.resolve(job.request)
+            resolved = self.backend.resolve(job.request)
+            if resolved.strength is not None:
+                self._inputs[job.id] = self._input_image(job, resolved)
+            self._resolved[job.id] = resolved
         except InvalidRequestError as e:
             error = {"code": "invalid_request", "field": e.field, "message": e.message}
             self._write(lambda: self.queue.fail(job, error))
             self._count_finished("failed")
             return False
         return True
+
+    @staticmethod
+    def _input_image(job: Job, request: ResolvedRequest):
+        if job.input_image is None:
+            raise InvalidRequestError("image", "strength asks for image-to-image, but the job has no input image")
+        try:
+            return fit_input_image(job.input_image, request.width, request.height)
+        except ValueError as e:
+            raise InvalidRequestError("image", f"the input image {e}") from None
 
     def _group(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
         key = self._resolved[jobs[0].id].batch_key
@@ -290,11 +304,27 @@ class Worker:
             self._buffer = group + self._buffer  # still ours: try again when the queue is back
             raise
         resolved = {job.id: self._resolved.pop(job.id) for job in group}
+        inputs = {job.id: self._inputs.pop(job.id, None) for job in group}
         if not runnable:
             return
         batch = ResolvedRequest.concat([resolved[job.id] for job in runnable])
+        batch_inputs = None
+        if batch.strength is not None:
+            batch_inputs = [inputs[job.id] for job in runnable for _ in range(resolved[job.id].images)]
         canceled: set[str] = set()
         last = {"t": 0.0}
+        previews: dict[str, bytes] = {}
+        # The first image of each job that asked for previews, by its place in the batch.
+        offsets, offset = {}, 0
+        for job in runnable:
+            if job.preview:
+                offsets[job.id] = offset
+            offset += resolved[job.id].images
+
+        def on_preview(step, steps, images):
+            for job_id, index in offsets.items():
+                if job_id not in canceled:
+                    previews[job_id] = encode_preview(images[index])
 
         def on_step(step, steps, latents):
             active = [j for j in runnable if j.id not in canceled]
@@ -302,7 +332,7 @@ class Worker:
             if step == steps or now - last["t"] >= 0.02:  # progress at most 50 times a second
                 last["t"] = now
                 try:
-                    newly = self.queue.progress(active, step, steps)
+                    newly = self.queue.progress(active, step, steps, dict(previews))
                 except QueueError:  # progress is best effort: the batch goes on, its results are kept
                     newly = set()
                 for job in active:
@@ -310,6 +340,7 @@ class Worker:
                         canceled.add(job.id)
                         self._write(lambda job=job: self.queue.mark_canceled(job))
                         self._count_finished("canceled")
+            previews.clear()
             if len(canceled) == len(runnable):
                 raise _Stop("canceled")
             if self._deadline is not None and now >= self._deadline:
@@ -319,7 +350,7 @@ class Worker:
         self._active = runnable
         started = time.perf_counter()
         try:
-            output = self.backend.generate(batch, on_step)
+            output = self.backend.generate(batch, on_step, batch_inputs, on_preview if offsets else None)
         except _Stop as stop:
             self._active = []
             if stop.reason == "hand back":

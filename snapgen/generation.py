@@ -66,9 +66,12 @@ def generate(
     decode: bool = True,
     noise: torch.Tensor | None = None,
     image_latents: torch.Tensor | None = None,
+    on_x0: StepCallback | None = None,
 ) -> Generated:
     """Run ``request`` on ``stages``. ``on_step(step, steps, latents)`` after every step: raising from it
-    stops, returning a tensor replaces the latents.
+    stops, returning a tensor replaces the latents. ``on_x0(step, steps, x0)``, before it, gets the step's
+    estimate of the final latents (what a live preview decodes): on the straight path from ``x_t`` with
+    velocity ``v``, ``x0 = x_t - t v``, the same as the latents after the step minus ``t_next v``.
 
     ``noise`` replaces the portable noise of the seeds (a caller's own starting latents); ``image_latents``
     (diffusion latents, one per image) are the input of an image-to-image request (``request.strength``).
@@ -95,6 +98,8 @@ def generate(
         timesteps = timesteps[image_to_image_start(timesteps, request.strength) :]
         x_start = interpolate(image_latents.to(device=stages.device, dtype=stages.dtype), noise, float(timesteps[0]))
     velocity = guided(cfg_velocity(stages.unet_velocity, cond, uncond), request.guidance_scale)
+    if on_x0 is not None:
+        velocity, on_step = _with_x0_estimate(velocity, timesteps, on_step, on_x0)
     latents = sample_euler(velocity, x_start, timesteps, on_step)
     unet_done = time.perf_counter()
 
@@ -103,6 +108,22 @@ def generate(
     timings = {"text_s": text_done - start, "unet_s": unet_done - text_done, "decode_s": end - unet_done,
                "total_s": end - start}  # fmt: skip
     return Generated(latents=latents, pixels=pixels, timings=timings)
+
+
+def _with_x0_estimate(velocity, timesteps: torch.Tensor, on_step, on_x0):
+    """``velocity`` that remembers its last output, and a step callback that reports ``x0`` from it first."""
+    last = {}
+
+    def remembering(x, t):
+        last["v"] = velocity(x, t)
+        return last["v"]
+
+    def step_callback(step, steps, x):
+        t_next = float(timesteps[step])
+        on_x0(step, steps, (x.float() - t_next * last["v"].float()).to(x.dtype))
+        return None if on_step is None else on_step(step, steps, x)
+
+    return remembering, step_callback
 
 
 def image_to_image_start(timesteps: torch.Tensor, strength: float) -> int:

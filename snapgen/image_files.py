@@ -85,3 +85,48 @@ def read_parameters(source: str | os.PathLike | bytes) -> dict[str, Any] | None:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         text = image.info.get(SNAPGEN_CHUNK)
     return json.loads(text) if text else None
+
+
+# -- input images (image-to-image) and step previews -------------------------------------------------
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_INPUT_PIXELS = 4096 * 4096  # larger images are refused before they are decoded (decompression bombs)
+PREVIEW_SIDE = 256
+PREVIEW_QUALITY = 70
+
+
+def open_input_image(data: bytes) -> Image.Image:
+    """An uploaded image, checked: a PNG, JPEG or WebP of at most :data:`MAX_INPUT_PIXELS` pixels, as RGB.
+    Raises ValueError saying what is wrong."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:
+        raise ValueError("is not an image file; send a PNG, JPEG or WebP") from None
+    if image.format not in INPUT_FORMATS:
+        raise ValueError(f"is a {image.format} file; send a PNG, JPEG or WebP")
+    if image.width * image.height > MAX_INPUT_PIXELS:
+        raise ValueError(f"has {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS} are allowed")
+    try:
+        image.load()
+    except Exception as e:
+        raise ValueError(f"could not be decoded ({type(e).__name__}); send a complete PNG, JPEG or WebP") from None
+    return image.convert("RGB")
+
+
+def fit_input_image(data: bytes, width: int, height: int) -> np.ndarray:
+    """An uploaded image as a uint8 (height, width, 3) array: cut to the target's aspect ratio around its
+    centre, then resized (Lanczos). Raises ValueError as :func:`open_input_image` does."""
+    image = open_input_image(data)
+    scale = max(width / image.width, height / image.height)
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+    box = (left, top, left + crop_w, top + crop_h)
+    return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))
+
+
+def encode_preview(array: np.ndarray) -> bytes:
+    """A small JPEG of a uint8 (H, W, 3) image, for live progress: at most :data:`PREVIEW_SIDE` pixels a side."""
+    image = Image.fromarray(array)
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
+    return buffer.getvalue()

@@ -10,6 +10,8 @@ from ..security import BodySizeLimit
 from ..settings import Settings
 from .errors import METHODS, error_response
 
+IMAGE_ROUTES = ("/v1/generate", "/v1/images/edits")  # the routes whose bodies may carry an input image
+
 # Label values must stay few: the method is client-chosen and the metrics run before authentication.
 OTHER_METHOD = "other"
 UNMATCHED_ROUTE = "unmatched"
@@ -57,16 +59,19 @@ async def _no_receive():
 def install(app: FastAPI, settings: Settings) -> None:
     """The middleware stack; the last added runs first: metrics, then CORS, then the body limit."""
 
-    async def reject_body(scope, send):
+    async def reject_body(scope, send, limit):
         response = error_response(
             413,
             "payload_too_large",
-            f"the request body is larger than {settings.max_body_bytes} bytes",
+            f"the request body is larger than {limit} bytes",
             headers={"Connection": "close"},
         )
         await response(scope, _no_receive, send)
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=reject_body)
+    # Base64 (JSON) or multipart: an input image takes at most 4/3 of its size, plus the form's parts.
+    with_image = settings.max_body_bytes + settings.max_image_bytes * 4 // 3 + 4096
+    path_limits = dict.fromkeys(IMAGE_ROUTES, with_image)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=reject_body, path_limits=path_limits)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,6 +9,7 @@ from snapgen.request import MAX_SEED, OUTPUT_FORMATS
 
 MAX_N = 8  # images per HTTP request: the server's policy, not the model's
 MAX_PROMPT_CHARS = 20000
+DEFAULT_STRENGTH = 0.6
 FORMATS = OUTPUT_FORMATS
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -76,6 +77,19 @@ class GenerateRequest(BaseModel):
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     response_format: Literal["b64_json", "url"] = "b64_json"
+    image: str | None = Field(
+        None,
+        description="image-to-image: the input image, base64 of a PNG, JPEG or WebP or a data: URL; it is cut to "
+        "the requested size's aspect ratio around its centre and resized (needs a model with an encoder: "
+        "GET /v1/models `image_input`)",
+    )
+    strength: float | None = _documented(
+        f"image-to-image: how far the input goes towards noise, 0 (keep it) to 1 (ignore it); default "
+        f"{DEFAULT_STRENGTH} with an image",
+        minimum=0,
+        maximum=1,
+    )
+    preview: bool = Field(False, description="progress events carry a small JPEG of each step's estimate")
 
     @field_validator("prompt")
     @classmethod
@@ -129,6 +143,12 @@ class Progress(BaseModel):
     steps: int
 
 
+class ProgressEvent(Progress):
+    """The data of a `progress` server-sent event."""
+
+    preview: str | None = Field(None, description="jobs with `preview`: a data: URL of a small JPEG of the step")
+
+
 class JobStatusEvent(BaseModel):
     """The data of a `status` server-sent event."""
 
@@ -161,7 +181,12 @@ class JobResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The served model: OpenAI's model object (id, object, created, owned_by), then what it offers."""
+
     id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time this API process first saw a worker serve the model")
+    owned_by: str = "snapgen"
     sizes: list[list[int]]
     default_size: list[int]
     default_steps: int

@@ -59,12 +59,19 @@ class Job:
 
     ``request`` is what was asked (the seed drawn, the model's defaults filled in when the API knew the
     model); ``response_format`` how the API returns the images. ``step`` of ``steps`` is the progress a
-    worker reports while it runs the job.
+    worker reports while it runs the job; with ``preview`` it also stores a small picture of each step
+    (:meth:`JobQueue.preview`).
+
+    ``input_image`` is the image-to-image input as uploaded (encoded bytes). It is not one of the job's
+    stored fields: a queue keeps it beside the job, hands it to the worker that reserves the job and
+    drops it once the job is final, so reading a job's state never carries it.
     """
 
     id: str
     request: GenerationRequest
     response_format: str = "b64_json"
+    preview: bool = False
+    input_image: bytes | None = field(default=None, repr=False)
     owner: str = "anonymous"
     status: str = QUEUED
     created: float = field(default_factory=time.time)
@@ -95,6 +102,7 @@ class Job:
             "status": self.status,
             "request": self.request.to_json(),
             "response_format": self.response_format,
+            "preview": "1" if self.preview else "0",
             "created": repr(self.created),
             "started": "" if self.started is None else repr(self.started),
             "finished": "" if self.finished is None else repr(self.finished),
@@ -117,6 +125,7 @@ class Job:
             id=f["id"],
             request=GenerationRequest.from_json(f["request"]),
             response_format=f.get("response_format") or "b64_json",
+            preview=f.get("preview") == "1",
             owner=f.get("owner", "anonymous"),
             status=f.get("status", QUEUED),
             created=float(f.get("created", 0)),
@@ -227,6 +236,10 @@ class JobQueue(ABC):
     async def images(self, job_id: str, count: int) -> list[bytes | None]: ...
 
     @abstractmethod
+    async def preview(self, job_id: str) -> bytes | None:
+        """The latest step preview (JPEG) of a running job that asked for previews; None when there is none."""
+
+    @abstractmethod
     def watch(self, job_id: str, progress: bool = True) -> contextlib.AbstractAsyncContextManager[Watch]: ...
 
     @abstractmethod
@@ -253,8 +266,9 @@ class JobQueue(ABC):
         """Mark jobs running; returns those to run (canceled or finished ones are dropped)."""
 
     @abstractmethod
-    def progress(self, jobs: list[Job], step: int, steps: int) -> set[str]:
-        """Record progress; returns the ids of jobs whose cancellation was requested."""
+    def progress(self, jobs: list[Job], step: int, steps: int, previews: dict[str, bytes] | None = None) -> set[str]:
+        """Record progress (and the step's preview of the jobs in ``previews``, by id); returns the ids of jobs
+        whose cancellation was requested."""
 
     @abstractmethod
     def complete(self, job: Job, images: list[bytes], result: dict[str, Any]) -> bool:

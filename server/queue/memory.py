@@ -49,6 +49,7 @@ class MemoryJobQueue(JobQueue):
         self._cv = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._images: dict[str, list[bytes]] = {}
+        self._previews: dict[str, bytes] = {}
         self._order: deque[str] = deque()
         self._idem: dict[tuple[str, str], tuple[str, str, float]] = {}
         self._watchers: dict[str, set[Watch]] = defaultdict(set)
@@ -91,7 +92,10 @@ class MemoryJobQueue(JobQueue):
             self._forget(job_id)
 
     def _retire(self, job: Job) -> None:
-        """A job reached its final state: count it against the retention caps, evicting the oldest beyond them."""
+        """A job reached its final state: count it against the retention caps, evicting the oldest beyond them.
+        Its input image and step preview are no longer needed."""
+        job.input_image = None
+        self._previews.pop(job.id, None)
         size = job.stored_bytes(self._images.get(job.id, ()))
         self._done[job.id] = size
         self._done_bytes += size
@@ -115,6 +119,7 @@ class MemoryJobQueue(JobQueue):
 
     def _view(self, job: Job) -> Job:
         out = copy.deepcopy(job)
+        out.input_image = None  # the worker's, not part of the job's state
         if job.status == QUEUED:
             try:
                 out.queue_position = self._order.index(job.id)
@@ -168,6 +173,10 @@ class MemoryJobQueue(JobQueue):
         with self._cv:
             stored = self._images.get(job_id, [])
             return [stored[i] if i < len(stored) else None for i in range(count)]
+
+    async def preview(self, job_id):
+        with self._cv:
+            return self._previews.get(job_id)
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id, progress=True) -> AsyncIterator[Watch]:
@@ -235,7 +244,7 @@ class MemoryJobQueue(JobQueue):
                 self._notify(job.id)
         return runnable
 
-    def progress(self, jobs, step, steps):
+    def progress(self, jobs, step, steps, previews=None):
         canceled = set()
         with self._cv:
             for j in jobs:
@@ -243,6 +252,8 @@ class MemoryJobQueue(JobQueue):
                 if job is None or job.status != RUNNING:
                     continue
                 job.step, job.steps = step, steps
+                if previews and job.id in previews:
+                    self._previews[job.id] = previews[job.id]
                 if job.cancel_requested:
                     canceled.add(job.id)
                 self._notify(job.id, progress=True)

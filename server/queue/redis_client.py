@@ -157,6 +157,12 @@ class RedisStore:
     def image_key(self, job_id: str, index: int) -> str:
         return f"{self.prefix}:img:{job_id}:{index}"
 
+    def input_key(self, job_id: str) -> str:
+        return f"{self.prefix}:input:{job_id}"
+
+    def preview_key(self, job_id: str) -> str:
+        return f"{self.prefix}:preview:{job_id}"
+
     # ---- connections ----
     @property
     def sync(self):

@@ -6,6 +6,8 @@ Redis layout (``P`` is the key prefix, ``snapgen`` by default)::
     P:dead              dead-letter stream: jobs delivered more than K times
     P:job:<id>          hash: status, request, progress, result/error, ... (TTL)
     P:img:<id>:<i>      encoded image bytes (TTL)
+    P:input:<id>        the image-to-image input as uploaded (until the job is final)
+    P:preview:<id>      the latest step preview of a job that asked for previews (short TTL)
     P:done              sorted set of finished jobs by finish time, for the retention caps (lua/retain.lua)
     P:done:bytes        their total bytes;  P:done:evicted: jobs ever evicted to stay within the caps
     P:idem:<owner>:<h>  "<job id> <request fingerprint>" for an Idempotency-Key (TTL)
@@ -91,11 +93,13 @@ class RedisJobQueue(RedisWorkerSide, JobQueue):
             digest = hashlib.sha256(idempotency[0].encode()).hexdigest()[:32]
             idem_key, fingerprint = f"{self.prefix}:idem:{job.owner}:{digest}", idempotency[1]
         fields = job.to_fields()
-        args = [self.GROUP, max_depth, self.ttl, job.id, fingerprint]
+        input_key = self.input_key(job.id) if job.input_image is not None else ""
+        args = [self.GROUP, max_depth, self.ttl, job.id, fingerprint, job.input_image or b""]
         for key, value in fields.items():
             args += [key, value]
+        keys = [self.stream, self.job_key(job.id), idem_key, input_key]
         with self._errors():
-            kind, value = await self._ascript("submit")(keys=[self.stream, self.job_key(job.id), idem_key], args=args)
+            kind, value = await self._ascript("submit")(keys=keys, args=args)
         kind, value = _s(kind), _s(value)
         if kind == "full":
             raise QueueFull(int(value))
@@ -108,7 +112,7 @@ class RedisJobQueue(RedisWorkerSide, JobQueue):
                 return known, False
             return await self.submit(job, max_depth, None)
         job = copy.deepcopy(job)
-        job.stream_id = value
+        job.stream_id, job.input_image = value, None
         job.queue_position = await self._position(value)
         return job, True
 
@@ -146,6 +150,10 @@ class RedisJobQueue(RedisWorkerSide, JobQueue):
             return []
         with self._errors():
             return await self.aio.mget([self.image_key(job_id, i) for i in range(count)])
+
+    async def preview(self, job_id):
+        with self._errors():
+            return await self.aio.get(self.preview_key(job_id))
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id, progress=True) -> AsyncIterator[Watch]:

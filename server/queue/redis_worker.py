@@ -90,14 +90,15 @@ class RedisWorkerSide(RedisStore):
         pipe = self.sync.pipeline(transaction=False)
         for sid, _ in entries:
             pipe.hgetall(self.job_key(ids[sid]))
-        raws = pipe.execute()
+            pipe.get(self.input_key(ids[sid]))
+        replies = pipe.execute()
         jobs, gone = [], []
-        for (sid, deliveries), raw in zip(entries, raws):
+        for (sid, deliveries), raw, input_image in zip(entries, replies[::2], replies[1::2]):
             if not raw:
                 gone.append(sid)  # expired, evicted or never fully written
                 continue
             job = Job.from_fields(raw)
-            job.stream_id, job.deliveries = sid, deliveries
+            job.stream_id, job.deliveries, job.input_image = sid, deliveries, input_image
             jobs.append(job)
         if gone:
             self._ack(gone)
@@ -131,10 +132,18 @@ class RedisWorkerSide(RedisStore):
                 self._ack(done)
         return runnable
 
-    def progress(self, jobs, step, steps):
+    # A preview is for watching a running job: it outlives a stalled worker briefly, then goes.
+    PREVIEW_TTL_S = 120
+
+    def progress(self, jobs, step, steps, previews=None):
         if not jobs:
             return set()
         with self._errors():
+            if previews:
+                pipe = self.sync.pipeline(transaction=False)
+                for job_id, image in previews.items():
+                    pipe.set(self.preview_key(job_id), image, ex=self.PREVIEW_TTL_S)
+                pipe.execute()
             canceled = self._script("progress")(
                 keys=[self.events, *(self.job_key(j.id) for j in jobs)], args=[step, steps, *(j.id for j in jobs)]
             )

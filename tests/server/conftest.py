@@ -51,3 +51,15 @@ def embedded(tiny_model, mobile_dir, log_dir) -> Iterator[Server]:
         # uvicorn re-raises the signal after its graceful shutdown.
         assert code in (0, -signal.SIGTERM), f"the embedded server did not stop cleanly ({code}):\n{proc.log_tail()}"
         assert "Finished server process" in proc.log_tail(), proc.log_tail()
+
+
+@pytest.fixture(scope="session")
+def embedded_default(log_dir) -> Iterator[Server]:
+    """``snapgen serve`` on the embedded default model, which has an encoder (image-to-image)."""
+    port = free_port()
+    env = clean_env(SNAPGEN_TORCH_THREADS="1", SNAPGEN_DRAIN_TIMEOUT_S="2")
+    proc = Proc("embedded-default", snapgen("serve", "--port", str(port)), env, log_dir).start()
+    try:
+        yield Server(proc, port).wait_ready()
+    finally:
+        proc.stop(signal.SIGTERM, timeout=30)

@@ -74,6 +74,25 @@ def test_submit_reserve_start_complete_and_results_are_written_once(queue):
     assert queue.reserve("w1", max_jobs=4, block_s=0) == []
 
 
+def test_input_images_travel_beside_the_job_and_previews_last_while_it_runs(queue):
+    job = new_job()
+    job.input_image, job.preview = b"\x89PNG input bytes", True
+    submitted, _ = run(queue.submit(job, max_depth=10))
+    assert submitted.input_image is None and run(queue.get(job.id)).input_image is None  # not the job's state
+    [reserved] = queue.reserve("w1", max_jobs=4, block_s=1.0)
+    assert reserved.input_image == b"\x89PNG input bytes" and reserved.preview
+    [running] = queue.start("w1", [reserved])
+    assert run(queue.preview(job.id)) is None
+    queue.progress([running], 1, 2, {job.id: b"jpeg step 1"})
+    assert run(queue.preview(job.id)) == b"jpeg step 1"
+    queue.progress([running], 2, 2)  # a step without a new picture keeps the last one
+    assert run(queue.preview(job.id)) == b"jpeg step 1"
+    assert queue.complete(running, [b"image-0"], {"seeds": [1], "count": 1})
+    assert run(queue.preview(job.id)) is None  # a final job needs neither its picture nor its input
+    if queue.kind == "redis":
+        assert not queue.sync.exists(queue.input_key(job.id), queue.preview_key(job.id))
+
+
 def test_queue_positions_cancel_and_backpressure(queue):
     jobs = [run(queue.submit(new_job(f"p{i}"), max_depth=3))[0] for i in range(3)]
     assert [j.queue_position for j in jobs] == [0, 1, 2]

@@ -28,7 +28,7 @@ class BrokenImages(Backend):
     def resolve(self, request):
         return request.resolve(CARD)
 
-    def generate(self, request, on_step=None):
+    def generate(self, request, on_step=None, inputs=None, on_preview=None):
         images = [np.zeros((8, 8, 3), np.float64 if p.startswith("broken") else np.uint8) for p in request.prompts]
         return BackendOutput(images=images, timings={"text_s": 0.0, "unet_s": 0.0, "decode_s": 0.0})
 

@@ -18,8 +18,10 @@ from ...settings import Settings
 from ..bodies import accepted_body, result_body
 from ..dependencies import base_url, rate_limited
 from ..errors import APIError
+from ..images_in import decode_base64_image, read_input_image
 from ..schemas import (
     BINARY,
+    DEFAULT_STRENGTH,
     MAX_PROMPT_CHARS,
     MEDIA_TYPES,
     GenerateRequest,
@@ -65,13 +67,25 @@ def parse_prefer(prefer: str | None) -> tuple[bool, float | None]:
     return respond_async, wait
 
 
-def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None) -> Job:
+def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None, max_image_bytes: int | None = None) -> Job:
     """The job for a parsed body: its :class:`GenerationRequest`, with the seed drawn and, when the model
     is known, checked against the model's card with the card's defaults written in.
 
     ``mode`` is the negotiated response ("json" or an image format); ``info`` the model the workers
-    describe (None before any has: the worker then resolves the request). Raises APIError 422.
+    describe (None before any has: the worker then resolves the request). Raises APIError 422 (413 for
+    an input image over ``max_image_bytes``).
     """
+    input_image = None
+    strength = body.strength
+    if body.image is not None:
+        if info is not None and not info.get("image_input", False):
+            raise APIError(422, "invalid_request", f"image: the model {info.get('id')!r} cannot take an input "
+                           "image (it has no encoder); send a text-only request", field="image")  # fmt: skip
+        input_image = read_input_image(decode_base64_image(body.image), "image", max_image_bytes)
+        strength = DEFAULT_STRENGTH if strength is None else strength
+    elif strength is not None:
+        raise APIError(422, "invalid_request", "strength: only for image-to-image; send an image with it",
+                       field="strength")  # fmt: skip
     if mode != "json":
         if body.n != 1:
             raise APIError(422, "invalid_request", f"Accept: {MEDIA_TYPES[mode]} returns one raw image; set n "
@@ -90,12 +104,14 @@ def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None) -> 
             height=body.height,
             width=body.width,
             output_format=body.output_format if mode == "json" else mode,
+            strength=strength,
         ).with_seed()
         if info is not None:
             request = request.with_defaults(ModelCard.from_dict(info))
     except InvalidRequestError as e:
         raise APIError(422, "invalid_request", f"{e.field}: {e.message}", field=e.field) from None
-    return Job(id=uuid.uuid4().hex, request=request, owner=owner, response_format=body.response_format)
+    return Job(id=uuid.uuid4().hex, request=request, owner=owner, response_format=body.response_format,
+               preview=body.preview, input_image=input_image)  # fmt: skip
 
 
 async def wait_for(queue: JobQueue, job_id: str, timeout: float) -> Job | None:
@@ -131,7 +147,7 @@ async def generate(
     queue: JobQueue = state.queue
     settings: Settings = state.settings
     mode = negotiate(request.headers.get("accept"))
-    job = new_job(body, mode, owner, await state.model_info.get(queue))
+    job = new_job(body, mode, owner, await state.model_info.get(queue), settings.max_image_bytes)
     idempotency = None
     if idempotency_key:
         idempotency = (idempotency_key, request_fingerprint({**body.model_dump(), "_accept": mode}))

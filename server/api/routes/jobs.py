@@ -1,6 +1,8 @@
 """Jobs: status, cancellation, server-sent events, and the images of ``response_format=url`` results."""
 
 import asyncio
+import base64
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -14,7 +16,7 @@ from ...queue import CANCELED, FAILED, RUNNING, SUCCEEDED, TERMINAL, Job, QueueU
 from ..bodies import job_body
 from ..dependencies import BaseURL, Queue, owned_job
 from ..errors import APIError
-from ..schemas import BINARY, MEDIA_TYPES, JobResponse, JobStatusEvent, Progress, error_responses
+from ..schemas import BINARY, MEDIA_TYPES, JobResponse, JobStatusEvent, ProgressEvent, error_responses
 
 IMAGE_NAME = re.compile(r"^([0-9]{1,3})\.(png|jpeg|jpg|webp)$")  # [0-9]: Python's \d takes other scripts' digits
 FINAL_EVENT = {SUCCEEDED: "result", FAILED: "error", CANCELED: "canceled"}
@@ -55,7 +57,7 @@ EVENTS_SCHEMA = {
     "required": ["event", "data"],
     "oneOf": [
         _json_event("status", JobStatusEvent.model_json_schema()),
-        _json_event("progress", Progress.model_json_schema()),
+        _json_event("progress", ProgressEvent.model_json_schema()),
         _json_event("result", {"$ref": "#/components/schemas/JobResponse"}),
         _json_event("canceled", {"$ref": "#/components/schemas/JobResponse"}),
         # A failed job, or {code, message} when the job expired while watched.
@@ -102,7 +104,13 @@ async def job_events(job: OwnedJob, queue: Queue, base: BaseURL) -> AsyncIterato
                                         "cancel_requested": current.cancel_requested})  # fmt: skip
             if current.status == RUNNING and current.step != last_step and current.step > 0:
                 last_step = current.step
-                yield _event("progress", {"step": current.step, "steps": current.steps})
+                progress = {"step": current.step, "steps": current.steps}
+                if current.preview:
+                    with contextlib.suppress(QueueUnavailable):  # progress without its picture, then
+                        preview = await queue.preview(job_id)
+                        if preview is not None:
+                            progress["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
+                yield _event("progress", progress)
             if current.status in TERMINAL:
                 yield _event(FINAL_EVENT[current.status], await job_body(current, base, queue))
                 return

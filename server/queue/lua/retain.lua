@@ -23,8 +23,10 @@ local function forget(r, member)
 end
 
 -- The job at job_key reached its final state at `now`, with `images` images of `image_bytes` bytes.
+-- Its input image and step preview are no longer needed.
 local function retain(r, job_key, job_id, now, images, image_bytes)
   now = tonumber(now)
+  redis.call('DEL', r.prefix .. ':input:' .. job_id, r.prefix .. ':preview:' .. job_id)
   local size = image_bytes
   for _, part in ipairs(redis.call('HGETALL', job_key)) do size = size + #part end
   redis.call('ZADD', r.done, now, job_id .. ' ' .. images .. ' ' .. size)

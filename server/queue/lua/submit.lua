@@ -1,5 +1,5 @@
--- KEYS: stream, job, idempotency ('' = none)
--- ARGV: group, max_depth, ttl, job id, fingerprint, field, value, field, value, ...
+-- KEYS: stream, job, idempotency ('' = none), input image ('' = none)
+-- ARGV: group, max_depth, ttl, job id, fingerprint, input image bytes, field, value, field, value, ...
 if KEYS[3] ~= '' then
   local known = redis.call('GET', KEYS[3])
   if known then
@@ -17,7 +17,8 @@ else
 end
 local queued = redis.call('XLEN', KEYS[1]) - pending
 if queued >= tonumber(ARGV[2]) then return {'full', tostring(queued)} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[3]) end
 local sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[4])
 redis.call('HSET', KEYS[2], 'stream_id', sid)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
