@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: Debian's redis-server (the server tests
 # start their own instances on free ports) and Debian's prometheus, for `promtool check config`
-# in tests/test_deploy.py (scripts/validate-deploy.sh). Idempotent: does nothing when they are there.
+# in tests/test_deploy.py (scripts/validate-deploy.sh), and Debian's chromium, the real browser that
+# tests/browser drives with Playwright (Playwright's own browser download is not used).
+# Idempotent: does nothing when they are there.
 set -euo pipefail
+
+versions() {
+    redis-server --version
+    promtool --version 2>&1 | head -n1
+    # Debian's launcher script prints shell noise on stderr from /etc/chromium.d; the version is on stdout.
+    "${SNAPGEN_CHROMIUM:-chromium}" --version 2>/dev/null
+}
+
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v "${SNAPGEN_CHROMIUM:-chromium}" >/dev/null 2>&1 || packages+=(chromium)
 if [ ${#packages[@]} -eq 0 ]; then
+    versions
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "system-deps: ${packages[*]} missing and there is no apt-get; install Redis >= 6.2 and promtool (Prometheus) yourself" >&2
+    echo "system-deps: ${packages[*]} missing and there is no apt-get; install Redis >= 6.2, promtool (Prometheus)" \
+        "and Chromium (set SNAPGEN_CHROMIUM to its path) yourself" >&2
     exit 1
 fi
 SUDO=""
@@ -28,5 +41,4 @@ if ! $SUDO apt-get install -y --no-install-recommends "${packages[@]}" >/dev/nul
     $SUDO apt-get install -y --no-install-recommends "${packages[@]}" >/dev/null
 fi
 # Tests start their own servers; services the packages may have started are not needed.
-redis-server --version
-promtool --version 2>&1 | head -n1
+versions

@@ -11,7 +11,8 @@ API process:   snapgen_requests_total{route,method,status}, snapgen_request_dura
                snapgen_requests_in_flight
 Workers:       snapgen_e2e_latency_seconds, snapgen_queue_wait_seconds, snapgen_stage_seconds{stage},
                snapgen_batch_size, snapgen_images_generated_total, snapgen_jobs_finished_total{status},
-               snapgen_jobs_redelivered_total, snapgen_jobs_dead_lettered_total
+               snapgen_jobs_redelivered_total, snapgen_jobs_dead_lettered_total,
+               snapgen_webhook_deliveries_total{outcome}, snapgen_webhook_attempts_total{result}
 From the queue: snapgen_queue_up, snapgen_queue_depth, snapgen_jobs_in_flight, snapgen_workers,
                snapgen_worker_heartbeat_timestamp_seconds{worker}, snapgen_results_retained,
                snapgen_results_retained_bytes, snapgen_results_evicted_total
@@ -77,8 +78,21 @@ class WorkerMetrics:
         )
 
 
+class WebhookMetrics:
+    def __init__(self) -> None:
+        self.deliveries = Counter(
+            "snapgen_webhook_deliveries",
+            "webhook deliveries by outcome: delivered (a 2xx), failed (given up), refused (URL not allowed when sent)",
+            ["outcome"],
+        )
+        self.attempts = Counter(
+            "snapgen_webhook_attempts", "webhook HTTP attempts by answer: 2xx, 3xx, 4xx, 5xx or error", ["result"]
+        )
+
+
 API = ApiMetrics()
 _worker: WorkerMetrics | None = None
+_webhooks: WebhookMetrics | None = None
 
 
 def worker_metrics() -> WorkerMetrics:
@@ -87,6 +101,14 @@ def worker_metrics() -> WorkerMetrics:
     if _worker is None:
         _worker = WorkerMetrics()
     return _worker
+
+
+def webhook_metrics() -> WebhookMetrics:
+    """Created on first use, by the processes that deliver webhooks (those that run a worker)."""
+    global _webhooks
+    if _webhooks is None:
+        _webhooks = WebhookMetrics()
+    return _webhooks
 
 
 def multiprocess_dir() -> str | None:

@@ -4,7 +4,10 @@ the ``snapgen worker`` process that runs one on a Redis queue until SIGTERM."""
 from __future__ import annotations
 
 from .backends import Backend, TorchBackend
+from .webhooks import build_dispatcher
 from .worker import Worker
+
+WEBHOOK_DRAIN_S = 2.0  # on stopping, how long the webhooks already owed may take before they are left to others
 
 
 def build_worker(queue, settings, name: str) -> Worker:
@@ -35,7 +38,15 @@ def run_worker_process(settings) -> int:
     worker.install_signal_handlers()
     if settings.worker_metrics_port is not None:
         metrics.serve_worker_metrics(settings.worker_metrics_port, settings.host)
+    # Webhooks go out from here, beside the worker and off its path; what is owed when the process ends stays in
+    # the outbox for another worker's dispatcher.
+    dispatcher = build_dispatcher(queue, settings, worker.name)
+    if dispatcher is not None:
+        dispatcher.start_thread()
     worker.run()
+    if dispatcher is not None:
+        dispatcher.stop(drain_s=WEBHOOK_DRAIN_S)
+        dispatcher.join(WEBHOOK_DRAIN_S + settings.webhook_timeout_s + 1)
     queue.close()
     return 0
 

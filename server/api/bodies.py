@@ -8,16 +8,23 @@ from .schemas import GenerateRequest
 
 async def result_body(job: Job, base: str, queue: JobQueue) -> dict:
     """A succeeded job's result: the images (inline or as links), their seeds and the timings."""
+    images = None
+    if job.response_format != "url":
+        images = await queue.images(job.id, int((job.result or {}).get("count", job.n)))
+    return result_view(job, base, images)
+
+
+def result_view(job: Job, base: str, images: list[bytes | None] | None = None) -> dict:
+    """A succeeded job's result with ``images`` inline (base64), or as links without them."""
     result = job.result or {}
     count = int(result.get("count", job.n))
     fmt = result.get("format", job.request.output_format)
     seeds = result.get("seeds", [])
     data = []
-    if job.response_format == "url":
+    if images is None:
         for i in range(count):
             data.append({"url": f"{base}/v1/images/{job.id}/{i}.{fmt}", "seed": seeds[i]})
     else:
-        images = await queue.images(job.id, count)
         for i, image in enumerate(images):
             data.append({"b64_json": base64.b64encode(image or b"").decode(), "seed": seeds[i]})
     t = result.get("timings", {})
@@ -40,6 +47,12 @@ async def result_body(job: Job, base: str, queue: JobQueue) -> dict:
 
 async def job_body(job: Job, base: str, queue: JobQueue) -> dict:
     """A job as GET /v1/jobs/{id} shows it."""
+    return job_view(job, base, await result_body(job, base, queue) if job.status == SUCCEEDED else None)
+
+
+def job_view(job: Job, base: str, result: dict | None = None) -> dict:
+    """A job as GET /v1/jobs/{id} shows it, with ``result`` as built by :func:`result_body`; without it, a
+    succeeded job's images are links (webhook bodies: server/webhooks/)."""
     body = {
         "id": job.id,
         "status": job.status,
@@ -52,7 +65,7 @@ async def job_body(job: Job, base: str, queue: JobQueue) -> dict:
         "error": None,
     }
     if job.status == SUCCEEDED:
-        body["result"] = await result_body(job, base, queue)
+        body["result"] = result if result is not None else result_view(job, base)
     elif job.status == FAILED:
         body["error"] = job.error or {"code": "failed", "message": "the job failed"}
     elif job.status == CANCELED:
@@ -64,6 +77,8 @@ def echo_request(job: Job) -> dict:
     """The job's request in the fields POST /v1/generate takes (defaults and seed filled in): sent back as it is,
     it asks for the same images."""
     fields = {**job.request.to_dict(), "response_format": job.response_format}
+    if job.webhook:
+        fields.update(webhook=job.webhook, webhook_events_filter=list(job.webhook_events))
     return {name: fields[name] for name in GenerateRequest.model_fields if name in fields}
 
 

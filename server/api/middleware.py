@@ -8,7 +8,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .. import metrics
 from ..security import BodySizeLimit
 from ..settings import Settings
-from .errors import METHODS, error_response
+from .errors import METHODS, respond
 
 IMAGE_ROUTES = ("/v1/generate", "/v1/images/edits")  # the routes whose bodies may carry an input image
 
@@ -60,7 +60,8 @@ def install(app: FastAPI, settings: Settings) -> None:
     """The middleware stack; the last added runs first: metrics, then CORS, then the body limit."""
 
     async def reject_body(scope, send, limit):
-        response = error_response(
+        response = respond(
+            scope.get("path", ""),
             413,
             "payload_too_large",
             f"the request body is larger than {limit} bytes",
@@ -85,6 +86,7 @@ def install(app: FastAPI, settings: Settings) -> None:
                 "Content-Range",
                 "X-Job-Id",
                 "X-Seed",
+                "X-Seeds",
                 "X-Content-SHA256",
                 "Preference-Applied",
             ],  # fmt: skip

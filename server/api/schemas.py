@@ -90,6 +90,18 @@ class GenerateRequest(BaseModel):
         maximum=1,
     )
     preview: bool = Field(False, description="progress events carry a small JPEG of each step's estimate")
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="an http(s) URL that receives the job's events as signed POST requests (Standard Webhooks; "
+        "docs/server.md, Webhooks); this server's SNAPGEN_WEBHOOK_ALLOWED_HOSTS says which hosts may",
+    )
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
+        None,
+        min_length=1,
+        description="the events sent to the webhook (Cog's names): start, output (progress, each step), completed; "
+        "logs is accepted and never sent; default: all of them",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -195,6 +207,7 @@ class ModelCard(BaseModel):
     max_prompt_tokens: int
     max_n: int
     output_formats: list[str]
+    image_input: bool = Field(description="whether it takes an input image (image-to-image: it has an encoder)")
     workers: int
 
 

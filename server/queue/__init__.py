@@ -9,6 +9,7 @@ knows which implementation it has.
     memory.py        MemoryJobQueue
     redis_queue.py   RedisJobQueue, its API (async) half (the Redis layout is described there)
     redis_worker.py  its worker (blocking) half
+    redis_webhooks.py its webhook outbox (the stream the dispatchers deliver)
     redis_client.py  Redis clients, the Lua scripts (lua/*.lua, read at import), Redis errors as queue errors
 """
 

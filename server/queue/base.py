@@ -10,9 +10,12 @@ import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapgen.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from ..webhooks import WebhookDelivery
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
@@ -65,6 +68,10 @@ class Job:
     ``input_image`` is the image-to-image input as uploaded (encoded bytes). It is not one of the job's
     stored fields: a queue keeps it beside the job, hands it to the worker that reserves the job and
     drops it once the job is final, so reading a job's state never carries it.
+
+    ``webhook`` is where the job's events go (``webhook_events``: start, output, logs, completed; see
+    server/webhooks/), ``base_url`` where the API was reached when the job was submitted (its links in the
+    webhook bodies). They are stored only for jobs with a webhook.
     """
 
     id: str
@@ -73,6 +80,9 @@ class Job:
     preview: bool = False
     input_image: bytes | None = field(default=None, repr=False)
     owner: str = "anonymous"
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ()
+    base_url: str | None = None
     status: str = QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -96,6 +106,10 @@ class Job:
 
     # Redis hash encoding: flat strings, JSON for the nested parts.
     def to_fields(self) -> dict[str, str]:
+        webhook = {}
+        if self.webhook:  # the Lua scripts write a job's webhook events when it has webhook_events
+            webhook = {"webhook": self.webhook, "webhook_events": ",".join(self.webhook_events),
+                       "base_url": self.base_url or ""}  # fmt: skip
         return {
             "id": self.id,
             "owner": self.owner,
@@ -112,6 +126,7 @@ class Job:
             "attempts": str(self.attempts),
             "cancel": "1" if self.cancel_requested else "0",
             "version": "0",
+            **webhook,
         }
 
     @classmethod
@@ -127,6 +142,9 @@ class Job:
             response_format=f.get("response_format") or "b64_json",
             preview=f.get("preview") == "1",
             owner=f.get("owner", "anonymous"),
+            webhook=f.get("webhook") or None,
+            webhook_events=tuple(e for e in f.get("webhook_events", "").split(",") if e),
+            base_url=f.get("base_url") or None,
             status=f.get("status", QUEUED),
             created=float(f.get("created", 0)),
             started=opt_float("started"),
@@ -294,6 +312,19 @@ class JobQueue(ABC):
     def take_dead_lettered(self) -> int:
         """Jobs this process moved to the dead-letter stream since the last call."""
         return 0
+
+    # ---- webhook outbox (server/webhooks/: the dispatcher; blocking) ----
+    # A job with a webhook gets a delivery in the outbox when an event it asked for happens, written with the
+    # state change itself; dispatchers take, hold and acknowledge them.
+    def take_webhook_deliveries(self, consumer: str, max_count: int, block_s: float) -> list[WebhookDelivery]:
+        """Up to ``max_count`` deliveries for this dispatcher (those of silent dispatchers first)."""
+        return []
+
+    def ack_webhook_delivery(self, consumer: str, delivery: WebhookDelivery) -> None:
+        """Delivered or given up: out of the outbox."""
+
+    def hold_webhook_deliveries(self, consumer: str, deliveries: list[WebhookDelivery]) -> None:
+        """This dispatcher still has these: no other may take them over."""
 
     def close(self) -> None:
         return None

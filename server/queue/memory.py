@@ -6,10 +6,12 @@ import contextlib
 import copy
 import threading
 import time
+import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..webhooks.events import OutputThrottle, WebhookDelivery
 from .base import (
     CANCELED,
     DEFAULT_RESULT_MAX_BYTES,
@@ -45,6 +47,7 @@ class MemoryJobQueue(JobQueue):
         result_ttl_s: float = DEFAULT_RESULT_TTL_S,
         result_max_jobs: int = DEFAULT_RESULT_MAX_JOBS,
         result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES,
+        webhook_output_interval_s: float = 0.5,
     ):
         self._cv = threading.Condition()
         self._jobs: dict[str, Job] = {}
@@ -63,6 +66,8 @@ class MemoryJobQueue(JobQueue):
         self._done_bytes = 0
         self._evicted = 0
         self._next_sweep = 0.0
+        self._outbox: deque[WebhookDelivery] = deque()  # webhook deliveries not yet taken by the dispatcher
+        self._throttle = OutputThrottle(webhook_output_interval_s)
 
     @classmethod
     def from_settings(cls, settings) -> MemoryJobQueue:
@@ -71,6 +76,7 @@ class MemoryJobQueue(JobQueue):
             result_ttl_s=settings.result_ttl_s,
             result_max_jobs=settings.result_max_jobs,
             result_max_bytes=settings.result_max_bytes,
+            webhook_output_interval_s=settings.webhook_output_interval_s,
         )
 
     def _notify(self, job_id: str, progress: bool = False) -> None:
@@ -96,6 +102,8 @@ class MemoryJobQueue(JobQueue):
         Its input image and step preview are no longer needed."""
         job.input_image = None
         self._previews.pop(job.id, None)
+        self._webhook(job, "completed")
+        self._throttle.forget(job.id)
         size = job.stored_bytes(self._images.get(job.id, ()))
         self._done[job.id] = size
         self._done_bytes += size
@@ -240,6 +248,8 @@ class MemoryJobQueue(JobQueue):
                 else:
                     job.status, job.worker, job.started, job.step = RUNNING, consumer, now, 0
                     job.attempts += 1
+                    if job.attempts == 1:  # a job run again (its worker stopped) started before
+                        self._webhook(job, "start")
                     runnable.append(copy.deepcopy(job))
                 self._notify(job.id)
         return runnable
@@ -254,6 +264,8 @@ class MemoryJobQueue(JobQueue):
                 job.step, job.steps = step, steps
                 if previews and job.id in previews:
                     self._previews[job.id] = previews[job.id]
+                if "output" in job.webhook_events and self._throttle.due(job.id, step, steps):
+                    self._webhook(job, "output")
                 if job.cancel_requested:
                     canceled.add(job.id)
                 self._notify(job.id, progress=True)
@@ -307,3 +319,24 @@ class MemoryJobQueue(JobQueue):
     def deregister(self, consumer):
         with self._cv:
             self._workers.pop(consumer, None)
+
+    # ---- webhook outbox ----
+    def _webhook(self, job: Job, event: str) -> None:
+        """The event into the outbox if the job asked for it (under the lock, with the state change)."""
+        if job.webhook and event in job.webhook_events:
+            snapshot = copy.deepcopy(job)
+            snapshot.input_image, snapshot.queue_position = None, None
+            self._outbox.append(WebhookDelivery(f"msg_{uuid.uuid4().hex}", event, time.time(), snapshot))
+            self._cv.notify_all()
+
+    def take_webhook_deliveries(self, consumer, max_count, block_s):
+        with self._cv:
+            if not self._outbox and block_s > 0:
+                self._cv.wait_for(lambda: self._outbox, timeout=block_s)
+            return [self._outbox.popleft() for _ in range(min(max_count, len(self._outbox)))]
+
+    def ack_webhook_delivery(self, consumer, delivery):
+        return None  # taken is out of the outbox already: nothing survives this process anyway
+
+    def hold_webhook_deliveries(self, consumer, deliveries):
+        return None

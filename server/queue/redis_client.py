@@ -12,6 +12,7 @@ from collections import defaultdict
 from importlib import resources
 from typing import Any
 
+from ..webhooks.events import OutputThrottle
 from .base import (
     DEFAULT_RESULT_MAX_BYTES,
     DEFAULT_RESULT_MAX_JOBS,
@@ -22,15 +23,21 @@ from .base import (
     Watch,
 )
 
-# Scripts that give a job its final state share the retention code (lua/retain.lua), put in front of them.
+# Scripts that give a job its final state share the retention code (lua/retain.lua), put in front of them;
+# those and the scripts that write webhook events share lua/webhook.lua, in front of everything.
 _RETAINING = ("cancel", "start", "finish", "dead_letter")
-_NAMES = ("submit", "cancel", "start", "progress", "finish", "release", "dead_letter")
+_WEBHOOKS = (*_RETAINING, "webhook_output")
+_NAMES = ("submit", "cancel", "start", "progress", "finish", "release", "dead_letter", "webhook_output")
 
 
 def _load_scripts() -> dict[str, str]:
     folder = resources.files(__package__) / "lua"
-    retain = (folder / "retain.lua").read_text()
-    return {name: (retain if name in _RETAINING else "") + (folder / f"{name}.lua").read_text() for name in _NAMES}
+    retain, webhook = (folder / "retain.lua").read_text(), (folder / "webhook.lua").read_text()
+    return {
+        name: (webhook if name in _WEBHOOKS else "") + (retain if name in _RETAINING else "")
+        + (folder / f"{name}.lua").read_text()
+        for name in _NAMES
+    }  # fmt: skip
 
 
 # Read at import: a missing script (package data not shipped) fails at start-up, not at the first job.
@@ -126,6 +133,7 @@ class RedisStore:
         result_max_jobs: int = DEFAULT_RESULT_MAX_JOBS,
         result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES,
         high_water: float = 0.9,
+        webhook_output_interval_s: float = 0.5,
     ):
         self.url = url
         self.prefix = prefix
@@ -150,6 +158,7 @@ class RedisStore:
         self._group_ready = False
         self._dead_lettered = 0
         self._memory_checked = (0.0, None)  # (monotonic time, the error it found or None)
+        self.output_throttle = OutputThrottle(webhook_output_interval_s)  # which progress reports are webhook events
 
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -15,6 +15,7 @@ Redis layout (``P`` is the key prefix, ``snapgen`` by default)::
     P:workers           hash: worker name -> last heartbeat (JSON)
     P:model             the model the workers serve (JSON), for validation and /v1/models
     P:rate:<key>:<win>  fixed-window request counters
+    P:webhooks          stream, consumer group "dispatchers": webhook deliveries owed (redis_webhooks.py)
 
 Delivery is at-least-once (a worker can die after finishing a job but before acknowledging it),
 so every state change is a compare-and-set in a Lua script (lua/): a job reaches a final state once
@@ -43,6 +44,7 @@ from .base import (
     _alive,
     _s,
 )
+from .redis_webhooks import RedisWebhookOutbox
 from .redis_worker import RedisWorkerSide
 
 
@@ -51,7 +53,7 @@ def _stream_key(sid: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class RedisJobQueue(RedisWorkerSide, JobQueue):
+class RedisJobQueue(RedisWorkerSide, RedisWebhookOutbox, JobQueue):
     """Redis Streams with a consumer group; state in hashes with a TTL; changes on pub/sub."""
 
     kind = "redis"
@@ -70,6 +72,7 @@ class RedisJobQueue(RedisWorkerSide, JobQueue):
             result_max_jobs=settings.result_max_jobs,
             result_max_bytes=settings.result_max_bytes,
             high_water=settings.redis_high_water,
+            webhook_output_interval_s=settings.webhook_output_interval_s,
         )
 
     async def _check_memory(self, max_age_s: float) -> None:

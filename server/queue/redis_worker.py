@@ -147,12 +147,17 @@ class RedisWorkerSide(RedisStore):
             canceled = self._script("progress")(
                 keys=[self.events, *(self.job_key(j.id) for j in jobs)], args=[step, steps, *(j.id for j in jobs)]
             )
+            due = [j for j in jobs if "output" in j.webhook_events and self.output_throttle.due(j.id, step, steps)]
+            if due:
+                keys, now = [self.job_key(j.id) for j in due], repr(time.time())
+                self._script("webhook_output")(keys=keys, args=[self.prefix, now])
         return {_s(c) for c in canceled}
 
     def _finish(self, job: Job, status: str, field_name: str = "", payload: str = "", images=()) -> bool:
         keys = [self.job_key(job.id), self.events, *self.done_keys]
         keys += [self.image_key(job.id, i) for i in range(len(images))]
         args = [job.id, repr(time.time()), status, field_name, payload, *self._retention, *images]
+        self.output_throttle.forget(job.id)
         with self._errors():
             stored = int(self._script("finish")(keys=keys, args=args))
             if job.stream_id:

@@ -41,6 +41,7 @@ def embedded(tiny_model, mobile_dir, log_dir) -> Iterator[Server]:
         SNAPGEN_MOBILE_DIR=str(mobile_dir),
         SNAPGEN_TORCH_THREADS="1",
         SNAPGEN_DRAIN_TIMEOUT_S="2",
+        SNAPGEN_MAX_IMAGE_BYTES="65536",
     )
     proc = Proc("embedded", snapgen("serve", "--model", str(tiny_model), "--port", str(port)), env, log_dir).start()
     server = Server(proc, port)

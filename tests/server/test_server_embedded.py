@@ -198,10 +198,13 @@ def test_invalid_input_is_422_naming_the_field(client, body, field):
 
 
 def test_error_format_for_other_failures(client):
-    big = client.post("/v1/generate", json={"prompt": "x" * 70_000})
+    # /v1/generate may carry an input image: its limit is the body's plus the image's (64 KiB here), in base64.
+    big = client.post("/v1/generate", json={"prompt": "x" * 160_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
-    streamed = client.post("/v1/generate", content=(b"x" * 1024 for _ in range(100)), headers=JSON)  # chunked
+    streamed = client.post("/v1/generate", content=(b"x" * 1024 for _ in range(160)), headers=JSON)  # chunked
     assert streamed.status_code == 413
+    other = client.post("/v1/jobs/x", content=b"x" * 70_000)  # the other routes: SNAPGEN_MAX_BODY_BYTES
+    assert other.status_code == 413
     long_prompt = client.post("/v1/generate", json={"prompt": "x" * 2001})
     assert long_prompt.status_code == 422 and long_prompt.json()["error"]["field"] == "prompt"
     broken = client.post("/v1/generate", content=b"{not json", headers=JSON)

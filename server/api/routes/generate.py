@@ -30,6 +30,7 @@ from ..schemas import (
     error_responses,
     request_model,
 )
+from ..webhooks_in import apply_webhook
 
 
 def negotiate(accept: str | None) -> str:
@@ -78,9 +79,7 @@ def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None, max
     input_image = None
     strength = body.strength
     if body.image is not None:
-        if info is not None and not info.get("image_input", False):
-            raise APIError(422, "invalid_request", f"image: the model {info.get('id')!r} cannot take an input "
-                           "image (it has no encoder); send a text-only request", field="image")  # fmt: skip
+        check_image_input(info)
         input_image = read_input_image(decode_base64_image(body.image), "image", max_image_bytes)
         strength = DEFAULT_STRENGTH if strength is None else strength
     elif strength is not None:
@@ -93,25 +92,77 @@ def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None, max
         if "output_format" in body.model_fields_set and body.output_format != mode:
             raise APIError(422, "invalid_request", f"output_format {body.output_format!r} contradicts Accept: "
                            f"{MEDIA_TYPES[mode]}", field="output_format")  # fmt: skip
+    request = generation_request(
+        info,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        n=body.n,
+        seed=body.seed,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        height=body.height,
+        width=body.width,
+        output_format=body.output_format if mode == "json" else mode,
+        strength=strength,
+    )
+    return Job(id=uuid.uuid4().hex, request=request, owner=owner, response_format=body.response_format,
+               preview=body.preview, input_image=input_image)  # fmt: skip
+
+
+def check_image_input(info: dict | None) -> None:
+    """APIError 422 on field ``image`` when the served model (if known yet) cannot take an input image."""
+    if info is not None and not info.get("image_input", False):
+        raise APIError(422, "invalid_request", f"image: the model {info.get('id')!r} cannot take an input "
+                       "image (it has no encoder); send a text-only request", field="image")  # fmt: skip
+
+
+def generation_request(info: dict | None, **fields) -> GenerationRequest:
+    """A :class:`GenerationRequest` of ``fields`` with its seed drawn and, when the model is known, checked
+    against its card with the card's defaults written in. Raises APIError 422 naming the field."""
     try:
-        request = GenerationRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            n=body.n,
-            seed=body.seed,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            height=body.height,
-            width=body.width,
-            output_format=body.output_format if mode == "json" else mode,
-            strength=strength,
-        ).with_seed()
+        request = GenerationRequest(**fields).with_seed()
         if info is not None:
             request = request.with_defaults(ModelCard.from_dict(info))
     except InvalidRequestError as e:
         raise APIError(422, "invalid_request", f"{e.field}: {e.message}", field=e.field) from None
-    return Job(id=uuid.uuid4().hex, request=request, owner=owner, response_format=body.response_format,
-               preview=body.preview, input_image=input_image)  # fmt: skip
+    return request
+
+
+async def submit(queue: JobQueue, settings: Settings, job: Job, idempotency: tuple[str, str] | None = None) -> Job:
+    """``job`` queued (or the job an equal retry with the same Idempotency-Key made); APIError 429 when the
+    queue is full, 409 for a key used with another request."""
+    try:
+        job, _created = await queue.submit(job, settings.max_queue_depth, idempotency)
+    except QueueFull as e:
+        try:
+            wait_s = (await queue.stats()).estimate_wait_s()
+        except QueueUnavailable:
+            wait_s = 1.0
+        retry = min(60, max(1, math.ceil(wait_s)))
+        raise APIError(
+            429,
+            "queue_full",
+            f"the server is busy: {e.queued} jobs wait (limit {settings.max_queue_depth}); retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+        ) from None
+    except IdempotencyConflict as e:
+        raise APIError(
+            409,
+            "idempotency_conflict",
+            f"this Idempotency-Key was used for job {e.job_id} with a different request; use a new key",
+            field="Idempotency-Key",
+        ) from None
+    return job
+
+
+def failure(final: Job) -> APIError:
+    """What a synchronous request answers for a job that ended without images."""
+    if final.status == CANCELED:
+        return APIError(409, "canceled", f"job {final.id} was canceled before it finished")
+    error = final.error or {}
+    if error.get("code") == "invalid_request":
+        return APIError(422, "invalid_request", error.get("message", "invalid request"), field=error.get("field"))
+    return APIError(500, error.get("code", "generation_failed"), error.get("message", "generation failed"))
 
 
 async def wait_for(queue: JobQueue, job_id: str, timeout: float) -> Job | None:
@@ -148,30 +199,11 @@ async def generate(
     settings: Settings = state.settings
     mode = negotiate(request.headers.get("accept"))
     job = new_job(body, mode, owner, await state.model_info.get(queue), settings.max_image_bytes)
+    job = await apply_webhook(job, body, settings, await base_url(request))
     idempotency = None
     if idempotency_key:
         idempotency = (idempotency_key, request_fingerprint({**body.model_dump(), "_accept": mode}))
-    try:
-        job, _created = await queue.submit(job, settings.max_queue_depth, idempotency)
-    except QueueFull as e:
-        try:
-            wait_s = (await queue.stats()).estimate_wait_s()
-        except QueueUnavailable:
-            wait_s = 1.0
-        retry = min(60, max(1, math.ceil(wait_s)))
-        raise APIError(
-            429,
-            "queue_full",
-            f"the server is busy: {e.queued} jobs wait (limit {settings.max_queue_depth}); retry in {retry} s",
-            headers={"Retry-After": str(retry)},
-        ) from None
-    except IdempotencyConflict as e:
-        raise APIError(
-            409,
-            "idempotency_conflict",
-            f"this Idempotency-Key was used for job {e.job_id} with a different request; use a new key",
-            field="Idempotency-Key",
-        ) from None
+    job = await submit(queue, settings, job, idempotency)
     headers = {"Location": f"/v1/jobs/{job.id}", "X-Job-Id": job.id}
     respond_async, wait = parse_prefer(prefer)
     if respond_async:
@@ -189,12 +221,7 @@ async def generate(
             seed = (final.result or {}).get("seeds", [job.request.seed])[0]
             return Response(images[0] or b"", media_type=MEDIA_TYPES[mode], headers={**headers, "X-Seed": str(seed)})
         return JSONResponse(await result_body(final, await base_url(request), queue), headers=headers)
-    if final.status == CANCELED:
-        raise APIError(409, "canceled", f"job {final.id} was canceled before it finished")
-    error = final.error or {}
-    if error.get("code") == "invalid_request":
-        raise APIError(422, "invalid_request", error.get("message", "invalid request"), field=error.get("field"))
-    raise APIError(500, error.get("code", "generation_failed"), error.get("message", "generation failed"))
+    raise failure(final)
 
 
 def with_body_model(endpoint, model: type[GenerateRequest]):

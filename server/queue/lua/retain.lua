@@ -1,5 +1,5 @@
 -- Retention of finished jobs. Not a script of its own: the loader puts it in front of the scripts that
--- give a job its final state (cancel, start, finish, dead_letter).
+-- give a job its final state (cancel, start, finish, dead_letter), after lua/webhook.lua.
 --   done     sorted set of finished jobs: score = finish time, member = "<id> <image count> <bytes>"
 --   bytes    the members' total bytes (their job hashes and images)
 --   evicted  how many jobs were ever evicted to stay within the caps
@@ -25,6 +25,7 @@ end
 -- The job at job_key reached its final state at `now`, with `images` images of `image_bytes` bytes.
 -- Its input image and step preview are no longer needed.
 local function retain(r, job_key, job_id, now, images, image_bytes)
+  webhook_event(r.prefix, job_key, 'completed', now)  -- lua/webhook.lua
   now = tonumber(now)
   redis.call('DEL', r.prefix .. ':input:' .. job_id, r.prefix .. ':preview:' .. job_id)
   local size = image_bytes

@@ -9,7 +9,8 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   return 'canceled'
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', ARGV[2], 'step', '0')
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HINCRBY', KEYS[1], 'version', 1)
+if attempts == 1 then webhook_event(ARGV[4], KEYS[1], 'start', ARGV[2]) end  -- a job run again started before
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 'run'
