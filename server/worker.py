@@ -29,19 +29,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from snapgen.image_files import encode_image, encode_preview, fit_input_image, image_parameters
+from snapgen.image_files import encode_image, fit_input_image, image_parameters
 from snapgen.request import InvalidRequestError, ResolvedRequest
 
 from .backends import Backend, BackendUnavailable
+from .batch_steps import BatchSteps, StopBatch
 from .queue import QUEUED, RUNNING, Job, JobQueue, QueueError
 
 log = logging.getLogger("snapgen.worker")
-
-
-class _Stop(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Worker:
@@ -311,47 +306,22 @@ class Worker:
         batch_inputs = None
         if batch.strength is not None:
             batch_inputs = [inputs[job.id] for job in runnable for _ in range(resolved[job.id].images)]
-        canceled: set[str] = set()
-        last = {"t": 0.0}
-        previews: dict[str, bytes] = {}
-        # The first image of each job that asked for previews, by its place in the batch.
-        offsets, offset = {}, 0
-        for job in runnable:
-            if job.preview:
-                offsets[job.id] = offset
-            offset += resolved[job.id].images
-
-        def on_preview(step, steps, images):
-            for job_id, index in offsets.items():
-                if job_id not in canceled:
-                    previews[job_id] = encode_preview(images[index])
-
-        def on_step(step, steps, latents):
-            active = [j for j in runnable if j.id not in canceled]
-            now = time.monotonic()
-            if step == steps or now - last["t"] >= 0.02:  # progress at most 50 times a second
-                last["t"] = now
-                try:
-                    newly = self.queue.progress(active, step, steps, dict(previews))
-                except QueueError:  # progress is best effort: the batch goes on, its results are kept
-                    newly = set()
-                for job in active:
-                    if job.id in newly:
-                        canceled.add(job.id)
-                        self._write(lambda job=job: self.queue.mark_canceled(job))
-                        self._count_finished("canceled")
-            previews.clear()
-            if len(canceled) == len(runnable):
-                raise _Stop("canceled")
-            if self._deadline is not None and now >= self._deadline:
-                raise _Stop("hand back")
-
+        steps = BatchSteps(
+            self.queue,
+            runnable,
+            [resolved[job.id].images for job in runnable],
+            on_canceled=self._store_cancellation,
+            deadline=lambda: self._deadline,
+        )
+        canceled = steps.canceled
         self._busy = True
         self._active = runnable
         started = time.perf_counter()
         try:
-            output = self.backend.generate(batch, on_step, batch_inputs, on_preview if offsets else None)
-        except _Stop as stop:
+            output = self.backend.generate(
+                batch, steps.on_step, batch_inputs, steps.on_preview if steps.wants_previews else None
+            )
+        except StopBatch as stop:
             self._active = []
             if stop.reason == "hand back":
                 self._hand_back([j for j in runnable if j.id not in canceled])
@@ -429,6 +399,10 @@ class Worker:
                         m.queue_wait.observe(max(0.0, job.started - job.created))
             if stored:
                 self._count_finished("succeeded")
+
+    def _store_cancellation(self, job: Job) -> None:
+        self._write(lambda: self.queue.mark_canceled(job))
+        self._count_finished("canceled")
 
     def _count_finished(self, status: str) -> None:
         if self.metrics is not None:
