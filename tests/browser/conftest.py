@@ -5,8 +5,10 @@ without it every browser test FAILS saying how to install it (CI installs it, so
 
 Fixtures:
 
-- ``browser`` (session): a Playwright ``Browser`` on that Chromium, headless, launched with
-  ``browser_harness.CHROMIUM_ARGS`` (no background networking; no host name but localhost resolves).
+- ``browser`` (module: Playwright's sync API keeps an asyncio loop running in this thread until it stops,
+  which would break every later test that runs a loop of its own): a Playwright ``Browser`` on that
+  Chromium, headless, launched with ``browser_harness.CHROMIUM_ARGS`` (no background networking; no host
+  name but localhost resolves).
 - ``page`` (function): a ``Page`` in a fresh context (1280x900, service workers blocked) whose every request
   off loopback is aborted. Default timeout 60 s (two shared cores). When the test fails, a full-page screenshot
   is saved under ``test-artifacts/browser/`` (path printed).
@@ -42,7 +44,7 @@ API_KEY = "browser-test-key"
 PAGE_TIMEOUT_MS = 60_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     executable = chromium_executable()
     with sync_playwright() as playwright:
