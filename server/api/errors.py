@@ -88,6 +88,9 @@ ALLOWED = {
     "response_format": "b64_json or url",
     "prompt": "a non-empty string",
     "negative_prompt": "a string",
+    "image": "base64 of a PNG, JPEG or WebP file, or a data:image/...;base64, URL",
+    "strength": "a number from 0 to 1, with an image",
+    "preview": "true or false",
     "webhook": "an http:// or https:// URL of at most 2048 characters",
     "webhook_events_filter": "a non-empty list of start, output, logs, completed",
 }
