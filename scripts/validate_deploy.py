@@ -23,14 +23,26 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "deploy" / "grafana" / "dashboards"
 K8S_DIR = ROOT / "deploy" / "k8s"
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
-# Metrics the dashboard may name that snapgen does not export: NVIDIA Triton's and the DCGM exporter's.
-EXTERNAL_PREFIXES = ("nv_", "DCGM_FI_")
+# Metrics the dashboard may name that snapgen does not export, each documented by its exporter:
+# NVIDIA Triton's (docs/user_guide/metrics.md of triton-inference-server/server), the DCGM exporter's
+# default fields (etc/default-counters.csv of NVIDIA/dcgm-exporter 4.5.3-4.8.2, the compose image), and
+# Prometheus's own per-target `up`.
+EXTERNAL_METRICS = {
+    "nv_inference_request_success": "triton", "nv_inference_request_failure": "triton",
+    "nv_inference_count": "triton", "nv_inference_exec_count": "triton", "nv_gpu_utilization": "triton",
+    "nv_gpu_memory_used_bytes": "triton", "nv_gpu_memory_total_bytes": "triton", "nv_gpu_power_usage": "triton",
+    "DCGM_FI_DEV_GPU_UTIL": "dcgm", "DCGM_FI_DEV_FB_USED": "dcgm", "DCGM_FI_DEV_FB_FREE": "dcgm",
+    "DCGM_FI_DEV_POWER_USAGE": "dcgm", "DCGM_FI_DEV_GPU_TEMP": "dcgm",
+    "up": "prometheus",
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- exported metric names
 def exported_metrics() -> set[str]:
-    """Every sample name server/metrics.py can expose (API, workers and the queue-wide gauges)."""
+    """Every sample name server/metrics.py can expose (API, workers and the queue-wide gauges), and the
+    process_* family prometheus-client adds to every worker's /metrics."""
     sys.path.insert(0, str(ROOT))
     from prometheus_client import REGISTRY
 
@@ -47,8 +59,8 @@ def exported_metrics() -> set[str]:
     families.extend(metrics._Snapshot(snapshot, True).collect())
     names: set[str] = set()
     for family in families:
-        if not family.name.startswith("snapgen_"):
-            continue  # process_*/python_* collectors: not ours to chart
+        if not family.name.startswith(("snapgen_", "process_")):
+            continue  # python_*/gc_*: not worth a chart; process_* (CPU, memory) is on every worker's /metrics
         if family.type == "counter":
             names |= {family.name + "_total", family.name + "_created"}
         elif family.type == "histogram":
@@ -117,8 +129,21 @@ def check_dashboards(paths: list[Path], known: set[str]) -> tuple[list[str], lis
             if not names:
                 problems.append(f"{path.name}: panel {title!r}: no metric in {expr!r}")
             for name in sorted(names):
-                if name not in known and not name.startswith(EXTERNAL_PREFIXES):
-                    problems.append(f"{path.name}: panel {title!r}: {name} is not exported by server/metrics.py")
+                if name not in known and name not in EXTERNAL_METRICS:
+                    problems.append(
+                        f"{path.name}: panel {title!r}: {name} is not exported by server/metrics.py "
+                        "nor a documented Triton / DCGM exporter metric"
+                    )
+        # Triton and the DCGM exporter run in some profiles only: a panel needs a query on what always runs.
+        by_panel: dict[str, set[str]] = {}
+        for title, expr in queries:
+            by_panel.setdefault(title, set()).update(promql_metric_names(expr))
+        for title, names in by_panel.items():
+            if names and names <= EXTERNAL_METRICS.keys():
+                problems.append(
+                    f"{path.name}: panel {title!r} queries only {', '.join(sorted(names))}: empty without "
+                    "Triton / the DCGM exporter (the cpu profile); add a query on snapgen's own metrics"
+                )
     return problems, exprs
 
 
@@ -132,8 +157,10 @@ def write_rules_file(exprs: list[str], out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ compose
-def compose_config(compose_cmd: list[str], profiles: list[str]) -> dict:
+def compose_config(compose_cmd: list[str], profiles: list[str], extra_files: tuple[str, ...] = ()) -> dict:
     args = [*compose_cmd, "-f", str(ROOT / "docker-compose.yml")]
+    for f in extra_files:
+        args += ["-f", str(ROOT / f)]
     for p in profiles:
         args += ["--profile", p]
     out = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True)
@@ -183,6 +210,11 @@ def check_compose(default: dict, cpu: dict, full: dict) -> list[str]:
                 problems.append(f"{config_name}: {name}: published ports prevent --scale")
             if "9100" not in " ".join(s.get("command") or []):
                 problems.append(f"{config_name}: {name}: no --metrics-port 9100 (Prometheus scrapes workers there)")
+    dcgm = svc.get("dcgm-exporter")
+    if dcgm is None:
+        problems.append("default (gpu) profile: no dcgm-exporter (the dashboard's GPU utilization comes from it)")
+    elif not _gpu_devices(dcgm) or _gpu_devices(dcgm)[0].get("count") not in ("all", -1):
+        problems.append("dcgm-exporter: needs deploy.resources.reservations.devices [{driver: nvidia, count: all}]")
     triton = full_svc.get("triton", {})
     if triton and not _gpu_devices(triton):
         problems.append("triton: reserves no GPU")
@@ -199,8 +231,10 @@ def check_compose(default: dict, cpu: dict, full: dict) -> list[str]:
         "redis": "redis-cli ping",
         "triton": "/v2/health/ready",
     }
+    if dcgm is not None:
+        expected_health["dcgm-exporter"] = "/health"
     for name, needle in expected_health.items():
-        s = full_svc.get(name, {})
+        s = full_svc.get(name) or svc.get(name) or {}
         if needle not in _healthcheck_text(s):
             problems.append(f"{name}: healthcheck should use {needle}")
     for config_name, services in (("default", svc), ("cpu", cpu_svc), ("gpu+triton", full_svc)):
@@ -216,6 +250,29 @@ def check_compose(default: dict, cpu: dict, full: dict) -> list[str]:
                 and (services[name].get("depends_on") or {}).get("redis", {}).get("condition") != "service_healthy"
             ):
                 problems.append(f"{config_name}: {name} should depend on redis with condition service_healthy")
+    return problems
+
+
+def check_scrape_targets(prometheus: dict, configs: dict[str, dict]) -> list[str]:
+    """No scrape target that is down by design: a static target must be a service of every configuration
+    (profile set), and each name a DNS job looks up must be a service of at least one (a name the
+    running stack lacks then gives no target at all, rather than one that is always down)."""
+    problems = []
+    everywhere = set.intersection(*(set(c.get("services", {})) for c in configs.values()))
+    anywhere = set.union(*(set(c.get("services", {})) for c in configs.values()))
+    for job in prometheus.get("scrape_configs") or []:
+        name = job.get("job_name", "?")
+        for static in job.get("static_configs") or []:
+            for target in static.get("targets") or []:
+                host = target.rsplit(":", 1)[0]
+                missing = [c for c, config in configs.items() if host not in config.get("services", {})]
+                if host not in everywhere:
+                    problems.append(f"job {name}: static target {target} is down whenever {host} does not run "
+                                    f"({', '.join(missing)}); use dns_sd_configs")  # fmt: skip
+        for dns in job.get("dns_sd_configs") or []:
+            for host in dns.get("names") or []:
+                if host not in anywhere:
+                    problems.append(f"job {name}: {host} is not a service of any configuration")
     return problems
 
 
@@ -419,7 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "compose":
         cmd = shlex.split(args.compose_cmd)
         configs = [compose_config(cmd, p) for p in ([], ["cpu"], ["gpu", "triton"])]
-        return _report("compose invariants (profiles: default, cpu, gpu+triton)", check_compose(*configs))
+        failed = _report("compose invariants (profiles: default, cpu, gpu+triton)", check_compose(*configs))
+        named = dict(zip(("gpu", "cpu", "gpu+triton"), configs))
+        named["cpu+triton"] = compose_config(cmd, ["cpu", "triton"])
+        named["gpu-pinning"] = compose_config(cmd, [], ("deploy/compose.gpu-pinning.yml",))
+        prometheus = yaml.safe_load(PROMETHEUS_YML.read_text())
+        return failed | _report(
+            f"prometheus scrape targets ({', '.join(named)})", check_scrape_targets(prometheus, named)
+        )
     if args.what == "dashboard":
         known = exported_metrics()
         paths = sorted(DASHBOARD_DIR.glob("*.json"))

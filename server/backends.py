@@ -25,6 +25,7 @@ from typing import Any
 from snapgen.request import GenerationRequest, InvalidRequestError, ModelCard, ResolvedRequest
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+KERNELS = ("torch", "triton")  # snapgen.models.kernels: the PyTorch layers, or fused Triton kernels
 
 
 @dataclass
@@ -159,8 +160,13 @@ def named(card: ModelCard, name: str | None) -> ModelCard:
 class TorchBackend(StagedBackend):
     """The model in this process (CPU or ``cuda:N``), optionally fp16/bf16, channels_last, compiled.
 
-    The U-Net runs through TorchScript traces unless ``trace_unet=False`` or ``compile``: the same
-    bytes out, about half the U-Net time at batch 1 on CPU and on an H100 (``snapgen.tracing``).
+    The U-Net runs through TorchScript traces unless ``trace_unet=False``, ``compile`` or Triton kernels
+    (which a trace cannot record): the same bytes out, about half the U-Net time at batch 1 on CPU and on
+    an H100 (``snapgen.tracing``). ``kernels="triton"`` swaps the U-Net's and decoder's fused layers for
+    Triton kernels (``snapgen.models.kernels``). ``graph`` (CUDA only) runs each batch's sampler and
+    decoder as one CUDA graph per batch bucket up to ``max_batch`` images (``snapgen.graphed``), made
+    at :meth:`warmup` for the model's default steps and guidance; batches with step previews,
+    image-to-image ones and larger ones take the step-by-step path.
     """
 
     def __init__(
@@ -172,6 +178,9 @@ class TorchBackend(StagedBackend):
         compile: bool = False,
         trace_unet: bool | None = None,
         name: str | None = None,
+        kernels: str = "torch",
+        graph: bool = False,
+        max_batch: int = 8,
     ):
         import torch
 
@@ -180,6 +189,18 @@ class TorchBackend(StagedBackend):
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+        if graph and torch.device(device).type != "cuda":
+            raise ValueError(f"graph=True records CUDA graphs, which need a CUDA device; the device is {device}")
+        if kernels == "triton":
+            from snapgen.models import kernels as triton_kernels
+
+            reason = triton_kernels.available()
+            if reason is not None:
+                raise ValueError(f"kernels=triton cannot run here: {reason}")
+            if trace_unet:
+                raise ValueError("a TorchScript trace cannot record Triton kernels: choose trace_unet or triton")
         self.pipe = load_pipeline(model_dir, device=device, dtype=getattr(torch, DTYPES[dtype]))
         self.card = named(self.pipe.card, name)
         self.provenance = self.pipe.provenance()
@@ -189,8 +210,12 @@ class TorchBackend(StagedBackend):
         if channels_last:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.decoder.to(memory_format=torch.channels_last)
+        self.kernels = kernels
+        if kernels == "triton":
+            triton_kernels.set_kernels(self.pipe.unet, kernels)
+            triton_kernels.set_kernels(self.pipe.decoder, kernels)
         if trace_unet is None:  # faster at the same bits on CPU and on an H100 (docs/benchmarks.md)
-            trace_unet = not compile
+            trace_unet = not compile and kernels == "torch"
         if compile and trace_unet:
             raise ValueError("choose one of compile and trace_unet")
         if compile:
@@ -202,6 +227,32 @@ class TorchBackend(StagedBackend):
             self._unet = lambda *inputs: self.pipe.unet(*inputs).sample
         self._device, self._dtype = self.pipe.device, self.pipe.dtype
         self.accepts_images = _has_encoder(model_dir)
+        self.graphs = None  # snapgen.graphed.SamplerGraphs when graph=True (tests set an uncaptured one on a CPU)
+        if graph:
+            from snapgen.graphed import SamplerGraphs
+
+            self.graphs = SamplerGraphs(self, max_batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kernels": self.kernels, "graph": self.graphs is not None}
+
+    def generate(self, request, on_step=None, inputs=None, on_preview=None) -> BackendOutput:
+        """As :meth:`StagedBackend.generate`; a graphed batch calls ``on_step`` once, at its end (snapgen.graphed)."""
+        if self.graphs is None or not self.graphs.accepts(request, previews=on_preview is not None):
+            return super().generate(request, on_step, inputs, on_preview)
+        from snapgen.generation import to_uint8
+
+        out = self.graphs.generate(request, on_step)
+        return BackendOutput(images=to_uint8(out.pixels), timings=out.timings)
+
+    def warmup(self) -> None:
+        """The step-by-step path once per size, then (with ``graph``) the graphs of every batch bucket for the
+        model's default steps and guidance, so that no request pays for recording one."""
+        for height, width in self.card.sizes[:4]:
+            request = self.resolve(GenerationRequest("warm-up", seed=0, steps=1, height=height, width=width))
+            StagedBackend.generate(self, request)
+            if self.graphs is not None:
+                self.graphs.prepare(height, width, self.card.default_steps, self.card.guidance_scale)
 
     @property
     def device(self):

@@ -1,6 +1,7 @@
 """``snapgen serve`` and ``snapgen worker`` (added to the ``snapgen`` CLI through ``add_commands``).
 
-Heavy imports (FastAPI, torch) stay inside the commands, so ``snapgen --help`` stays fast.
+Heavy imports (FastAPI, torch) stay inside the commands, so ``snapgen --help`` stays fast, and
+``serve --redis`` imports no torch: it runs from the `api` extra alone (the slim image).
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
+KERNELS_HELP = (
+    "the U-Net's and decoder's kernels: torch (default) or triton (fused; CUDA, or the CPU through "
+    "TRITON_INTERPRET=1: slow, for checking); triton turns the U-Net's TorchScript trace off"
+)
+GRAPH_HELP = (
+    "run each batch's sampler and decoder as one CUDA graph per batch bucket, recorded at warm-up (CUDA only; "
+    "progress at the end of a batch, cancellation between batches; batches with previews run step by step)"
+)
 
 
 def add_commands(sub) -> None:
@@ -33,6 +43,8 @@ def add_commands(sub) -> None:
                    help="allow a non-loopback --host without API keys")  # fmt: skip
     p.add_argument("--mobile-dir", type=Path, help="directory of Core ML bundles to list and serve")
     p.add_argument("--max-batch", dest="max_batch_images", type=int, help="images per batch (embedded worker)")
+    p.add_argument("--kernels", choices=["torch", "triton"], help=KERNELS_HELP + " (embedded mode)")
+    p.add_argument("--graph", action="store_true", default=None, help=GRAPH_HELP + " (embedded mode)")
     p.add_argument("--max-queue", dest="max_queue_depth", type=int, help="waiting jobs before 429 (default 256)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -52,6 +64,8 @@ def add_commands(sub) -> None:
     w.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net")
     w.add_argument("--trace-unet", action=argparse.BooleanOptionalAction, default=None,
                    help="TorchScript-trace the U-Net (default: on unless --compile; same images, faster)")  # fmt: skip
+    w.add_argument("--kernels", choices=["torch", "triton"], help=KERNELS_HELP)
+    w.add_argument("--graph", action="store_true", default=None, help=GRAPH_HELP)
     w.add_argument("--threads", dest="torch_threads", type=int, help="torch CPU threads")
     w.add_argument("--backend", choices=["torch", "triton"],
                    help="torch: run the model in this process (default); triton: call the models of a Triton server "
@@ -65,10 +79,17 @@ def add_commands(sub) -> None:
     w.set_defaults(func=cmd_worker)
 
 
+# What the `api` extra brings (pyproject.toml); `snapgen serve --redis` needs these and nothing of the model stack.
+API_MODULES = ("fastapi", "uvicorn", "pydantic", "pydantic_settings", "redis", "prometheus_client", "httpx")
+INSTALL_API = "pip install 'snapgen[api]' (the API alone, with --redis) or 'snapgen[serve]' (with the model)"
+INSTALL_SERVE = "pip install 'snapgen[serve]'"
+
+
 _FLAGS = (
     "host", "port", "redis_url", "model", "model_name", "device", "dtype", "api_processes", "api_keys_file",
     "allow_unauthenticated", "mobile_dir", "max_batch_images", "max_queue_depth", "log_level", "channels_last",
     "compile", "trace_unet", "torch_threads", "worker_name", "worker_metrics_port", "backend", "triton_url",
+    "kernels", "graph",
 )  # fmt: skip
 
 
@@ -109,6 +130,31 @@ def _model_dir(settings):
             "pass --model DIR or set SNAPGEN_MODEL (a random test model: `snapgen init-model --out DIR`)"
         )
     return directory
+
+
+def _check_engine(settings) -> None:
+    """Refuse at start, naming the flag, what the model's load would refuse later: CUDA graphs without a CUDA
+    device, Triton kernels where Triton cannot run (torch is imported for these two only)."""
+    from snapgen.cli import CLIError, check_kernels
+    from snapgen.devices import DeviceError, check_device
+
+    if settings.graph:
+        if not settings.device.startswith("cuda"):
+            raise CLIError(
+                f"--graph (SNAPGEN_GRAPH) records CUDA graphs, which need a CUDA device; the device is "
+                f"{settings.device}: give --device cuda:N, or leave --graph off"
+            )
+        try:
+            check_device(settings.device)
+        except DeviceError as e:
+            raise CLIError(str(e)) from None
+    check_kernels(settings.kernels, settings.device, "--kernels")
+    if settings.kernels == "triton":
+        from snapgen.models import kernels
+
+        reason = kernels.available()
+        if reason is not None:
+            raise CLIError(f"--kernels triton: {reason}")
 
 
 def _logging(settings) -> None:
@@ -153,8 +199,9 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> None:
-    from snapgen.cli import CLIError
+    from snapgen.cli import MODEL_MODULES, CLIError, require_modules
 
+    require_modules(API_MODULES, "the API", INSTALL_API)
     from .security import is_loopback
 
     settings = _settings(args)
@@ -166,9 +213,17 @@ def cmd_serve(args) -> None:
     if settings.embedded:
         if settings.api_processes > 1:
             raise CLIError("--api-processes needs --redis: the embedded mode is one process with its own worker")
+        require_modules(
+            MODEL_MODULES,
+            "without --redis, serve runs the model in this process and",
+            f"{INSTALL_SERVE}, or give --redis URL to run the API alone (workers elsewhere)",
+        )
         settings = settings.model_copy(update={"model": _model_dir(settings)})
+        _check_engine(settings)
     elif args.model is not None:
         raise CLIError("`serve --redis` runs the API only; give --model to `snapgen worker`")
+    elif args.kernels is not None or args.graph:
+        raise CLIError("`serve --redis` runs the API only; give --kernels and --graph to `snapgen worker`")
     _check_can_listen(settings.host, settings.port)
     _logging(settings)
 
@@ -192,12 +247,14 @@ def cmd_serve(args) -> None:
 
 
 def cmd_worker(args) -> None:
-    from snapgen.cli import CLIError
+    from snapgen.cli import MODEL_MODULES, CLIError, require_modules
 
+    require_modules(API_MODULES + MODEL_MODULES, "a worker", INSTALL_SERVE)
     settings = _settings(args)
     if not settings.redis_url:
         raise CLIError("a worker needs --redis URL (or SNAPGEN_REDIS_URL); `snapgen serve` alone runs its own worker")
     settings = settings.model_copy(update={"model": _model_dir(settings)})
+    _check_engine(settings)
     _logging(settings)
     from .worker_process import run_worker_process
 

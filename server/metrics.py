@@ -133,13 +133,18 @@ def _forget_dead_processes(directory: str) -> None:
 class _Snapshot:
     """Queue-wide gauges, read before the scrape (collect() itself cannot await)."""
 
-    def __init__(self, stats, up: bool):
-        self.stats, self.up = stats, up
+    def __init__(self, stats, up: bool, full: bool = False):
+        self.stats, self.up, self.full = stats, up, full
 
     def collect(self):
         up = GaugeMetricFamily("snapgen_queue_up", "1 if the job queue (Redis) answered this scrape")
         up.add_metric([], 1.0 if self.up else 0.0)
         yield up
+        full = GaugeMetricFamily(
+            "snapgen_queue_store_full", "1 while Redis is above SNAPGEN_REDIS_HIGH_WATER of its maxmemory (jobs: 503)"
+        )
+        full.add_metric([], 1.0 if self.full else 0.0)
+        yield full
         if self.stats is None:
             return
         depth = GaugeMetricFamily("snapgen_queue_depth", "jobs waiting for a worker")
@@ -172,17 +177,17 @@ class _Snapshot:
         yield evicted
 
 
-def render(stats, up: bool) -> tuple[bytes, str]:
+def render(stats, up: bool, full: bool = False) -> tuple[bytes, str]:
     """The /metrics page: this process's (or all API processes') metrics plus the queue's."""
     directory = multiprocess_dir()
     if directory:
         _forget_dead_processes(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
-        registry.register(_Snapshot(stats, up))
+        registry.register(_Snapshot(stats, up, full))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     snapshot = CollectorRegistry()
-    snapshot.register(_Snapshot(stats, up))
+    snapshot.register(_Snapshot(stats, up, full))
     return generate_latest(REGISTRY) + generate_latest(snapshot), CONTENT_TYPE_LATEST
 
 

@@ -33,7 +33,13 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    trace_unet: bool | None = Field(None, description="TorchScript-trace the U-Net; unset = on unless compile")
+    trace_unet: bool | None = Field(
+        None, description="TorchScript-trace the U-Net; unset = on unless compile or kernels triton"
+    )
+    kernels: Literal["torch", "triton"] = Field(
+        "torch", description="U-Net and decoder kernels: torch, or triton (fused; CUDA, or CPUs: TRITON_INTERPRET=1)"
+    )
+    graph: bool = Field(False, description="run each batch's sampler and decoder as one CUDA graph (CUDA devices only)")
     torch_threads: int | None = Field(None, ge=1)
     warmup: bool = True
     backend: Literal["torch", "triton"] = Field("torch", description="torch: in process; triton: a Triton server")
@@ -138,6 +144,10 @@ class Settings(BaseSettings):
             raise ValueError("backend triton needs a Triton URL (--triton-url or SNAPGEN_TRITON_URL)")
         if self.triton_url and self.backend != "triton":
             raise ValueError("a Triton URL is given but the backend is torch; add --backend triton")
+        if self.backend == "triton" and (self.graph or self.kernels != "torch"):
+            raise ValueError("graph and kernels apply to the model in this process (backend torch), not to Triton")
+        if self.kernels == "triton" and self.trace_unet:
+            raise ValueError("kernels triton and trace_unet exclude each other: a trace cannot record Triton kernels")
         return self
 
     def all_api_keys(self) -> list[str]:

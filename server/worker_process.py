@@ -73,4 +73,7 @@ def load_backend(settings) -> Backend:
         compile=settings.compile,
         trace_unet=settings.trace_unet,
         name=settings.model_name,
+        kernels=settings.kernels,
+        graph=settings.graph,
+        max_batch=settings.max_batch_images,
     )

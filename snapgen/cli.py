@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -15,6 +16,66 @@ from pathlib import Path
 
 class CLIError(Exception):
     """An error the user can fix; printed without a traceback, exit status 2."""
+
+
+# What the model extra brings (pyproject.toml): the base install and the `api` extra carry none of it.
+MODEL_MODULES = ("torch", "diffusers", "transformers", "safetensors")
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """The top-level modules of ``modules`` that cannot be imported here, found without importing them."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def require_modules(modules: tuple[str, ...], what: str, install: str) -> None:
+    """A :class:`CLIError` naming the pip extra to install when ``what`` needs a module that is not installed,
+    rather than a traceback from deep inside the first import of it."""
+    missing = missing_modules(modules)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise CLIError(f"{what} needs {', '.join(missing)}, which {verb} not installed: {install}")
+
+
+def require_model_stack(what: str) -> None:
+    require_modules(MODEL_MODULES, what, "pip install 'snapgen[model]'")
+
+
+KERNELS = ("torch", "triton")  # --kernels: snapgen.models.kernels.set_kernels(module, kind)
+
+
+def check_kernels(kind: str, device: str, flag: str = "--kernels") -> None:
+    """Refuse Triton kernels where they cannot run, before torch is imported: they run on CUDA devices, and
+    on a CPU only through Triton's interpreter (``TRITON_INTERPRET=1``, slow: for checking)."""
+    if kind != "triton":
+        return
+    if missing_modules(("triton",)):
+        raise CLIError(f"{flag} triton: the triton package is not installed (pip install triton), or use {flag} torch")
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CLIError(
+            f"{flag} triton: Triton kernels run on CUDA devices, and the device is {device}; on a CPU they run "
+            f"only through Triton's interpreter: set TRITON_INTERPRET=1 (slow, for checking), or use {flag} torch"
+        )
+
+
+def use_kernels(kind: str, modules, flag: str = "--kernels") -> None:
+    """Switch ``modules`` (the U-Net, the decoder) to ``kind``'s kernels, or say in one line why Triton cannot run."""
+    if kind == "torch":
+        return
+    from .models import kernels
+
+    reason = kernels.available()
+    if reason is not None:
+        raise CLIError(f"{flag} {kind}: {reason}")
+    for module in modules:
+        kernels.set_kernels(module, kind)
 
 
 def _positive_int(name):
@@ -49,6 +110,9 @@ def _add_generate(sub):
     p.add_argument("--width", type=_positive_int("--width"))
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--kernels", choices=KERNELS, default="torch",
+                   help="the U-Net's and decoder's kernels: torch (default) or triton (fused; on a CUDA device, or on "
+                   "the CPU through TRITON_INTERPRET=1: slow, for checking)")  # fmt: skip
     p.add_argument("--image", type=Path, help="input image for image-to-image (with --strength); its size by default")
     p.add_argument("--strength", type=float,
                    help="image-to-image: how far the input goes towards noise, 0 (keep it) to 1 (ignore)")  # fmt: skip
@@ -212,8 +276,10 @@ def cmd_generate(args) -> None:
     except InvalidRequestError as e:
         raise flag_error(e) from None
     _warn_unused_negative_prompt(resolved)
+    check_kernels(args.kernels, args.device)
 
     checked = time.perf_counter()
+    require_model_stack("snapgen generate")
     with _collector_paused(args):
         from .devices import DeviceError, check_device
 
@@ -229,6 +295,7 @@ def cmd_generate(args) -> None:
 
         imported = time.perf_counter()
         pipeline = _load(directory, args.device)
+        use_kernels(args.kernels, (pipeline.unet, pipeline.decoder))
         loaded = time.perf_counter()
     try:
         # Resolved as a whole before the first image (now with the tokenizer: prompt lengths too), so a
@@ -354,17 +421,20 @@ def _warn_unused_negative_prompt(resolved) -> None:
 
 
 def cmd_info(args) -> None:
-    from .models.configs import UNET_CONFIGS
-
     if args.image is not None:
-        info = _image_info(args.image)
-    elif args.list:
-        info = {"configs": sorted(UNET_CONFIGS)}
-    elif args.config:
-        if args.config not in UNET_CONFIGS:
+        info = _image_info(args.image)  # PNG text chunks: no model stack needed
+    elif args.list or args.config:
+        require_model_stack("snapgen info --list/--config")
+        from .models.configs import UNET_CONFIGS
+
+        if args.list:
+            info = {"configs": sorted(UNET_CONFIGS)}
+        elif args.config not in UNET_CONFIGS:
             raise CLIError(f"--config {args.config!r}: unknown; choose one of {', '.join(sorted(UNET_CONFIGS))}")
-        info = describe_config(args.config)
+        else:
+            info = describe_config(args.config)
     else:
+        require_model_stack("snapgen info --model")
         from .model_dir import default_model_dir, describe_model
 
         directory = args.model or default_model_dir()
@@ -412,6 +482,7 @@ def describe_config(name: str) -> dict:
 
 
 def cmd_init_model(args) -> None:
+    require_model_stack("snapgen init-model")
     import torch
 
     from .model_dir import save_model

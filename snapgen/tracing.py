@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .models.kernels import active as kernels_active
 from .models.unet import SnapGenUNet
 
 
@@ -30,7 +31,8 @@ class ShapeTraces:
 
     The signature is each input's shape, dtype and device; at most ``max_traces`` are kept, least
     recently used dropped. Eager when gradients are on or any submodule is training (the traces
-    are recorded for inference). Call ``clear()`` after moving or replacing the module's parameters: a
+    are recorded for inference), and when the module runs Triton kernels (``snapgen.models.kernels``:
+    a trace cannot record their launches). Call ``clear()`` after moving or replacing the module's parameters: a
     trace keeps the tensors it was recorded with.
     """
 
@@ -50,7 +52,7 @@ class ShapeTraces:
         return list(self._traces)
 
     def __call__(self, *inputs: torch.Tensor):
-        if torch.is_grad_enabled() or any(m.training for m in self.module.modules()):
+        if torch.is_grad_enabled() or any(m.training for m in self.module.modules()) or kernels_active(self.module):
             return self.module(*inputs)
         key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
         trace = self._traces.get(key)

@@ -67,7 +67,8 @@ def test_validate_deploy_script_passes():
     out = run(["bash", "scripts/validate-deploy.sh"], env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     for needle in ("config -q --profile cpu", "ok   deploy/Dockerfile", "valid prometheus config",
-                   "ok   dashboard metric names", "passed for resource deployment/snapgen-worker",
+                   "ok   dashboard metric names", "ok   prometheus scrape targets",
+                   "passed for resource deployment/snapgen-worker",
                    "ok   k8s references and KEDA ScaledObject", "all checks passed"):  # fmt: skip
         assert needle in out.stdout, out.stdout
 
@@ -80,7 +81,7 @@ def compose_configs(compose_cmd):
 
 def test_compose_profiles(compose_configs):
     default, cpu, full = (set(c["services"]) for c in compose_configs)
-    assert default == {"api", "worker", "redis", "prometheus", "grafana"}
+    assert default == {"api", "worker", "dcgm-exporter", "redis", "prometheus", "grafana"}
     assert cpu == {"api", "worker-cpu", "redis", "prometheus", "grafana"}
     assert full == default | {"triton"}
     assert vd.check_compose(*compose_configs) == []
@@ -171,7 +172,10 @@ def test_prometheus_scrapes_api_workers_and_triton():
     assert jobs["snapgen-api"]["static_configs"][0]["targets"] == ["api:8000"]
     dns = jobs["snapgen-worker"]["dns_sd_configs"][0]
     assert {"worker", "worker-cpu"} <= set(dns["names"]) and dns["port"] == 9100
-    assert jobs["triton"]["static_configs"][0]["targets"] == ["triton:8002"]
+    # Looked up by name: in a profile without the service there is no target rather than one that is down.
+    for job, name, port in (("triton", "triton", 8002), ("dcgm", "dcgm-exporter", 9400)):
+        (dns,) = jobs[job]["dns_sd_configs"]
+        assert dns["names"] == [name] and dns["port"] == port and "static_configs" not in jobs[job]
 
 
 # ------------------------------------------------------------------------------------------ grafana

@@ -36,10 +36,10 @@ def assets_dir() -> Path:
     try:
         directory = Path(str(files("fastapi_offline") / "static"))
     except ModuleNotFoundError as e:
-        raise RuntimeError("the API docs need the fastapi-offline package: pip install 'snapgen[serve]'") from e
+        raise RuntimeError("the API docs need the fastapi-offline package: pip install 'snapgen[api]'") from e
     missing = [name for name in ASSETS if not (directory / name).is_file()]
     if missing:
-        raise RuntimeError(f"fastapi-offline has no {', '.join(missing)} in {directory}: reinstall 'snapgen[serve]'")
+        raise RuntimeError(f"fastapi-offline has no {', '.join(missing)} in {directory}: reinstall 'snapgen[api]'")
     return directory
 
 

@@ -99,6 +99,21 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim) if qk_norm else nn.Identity()
 
+    def query_key_heads(
+        self, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected queries (B, N, heads * d) and keys (B, M, kv_heads * d) -> per-head (B, heads, N, d)
+        and (B, kv_heads, M, d), RMS-normed and rotated.
+
+        A method of its own because ``snapgen.models.kernels`` swaps it for one fused pass.
+        """
+        q = q.view(q.shape[0], q.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(k.shape[0], -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k
+
     def forward(
         self,
         x: torch.Tensor,
@@ -109,12 +124,8 @@ class Attention(nn.Module):
         """x: (B, N, dim); context: (B, M, context_dim); attention_bias: additive, (B, 1, 1, M)."""
         batch, tokens, _ = x.shape
         context = x if context is None else context
-        q = self.to_q(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(context).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.query_key_heads(self.to_q(x), self.to_k(context), rotary)
         v = self.to_v(context).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.norm_q(q), self.norm_k(k)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         # Grouped queries share one key/value head: fold the group into the query axis so a
         # single SDPA call attends (B, kv, group * N, d) against (B, kv, M, d) without copying
         # keys and values per head.

@@ -161,6 +161,10 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         self.norm_out = nn.GroupNorm(min(norm_num_groups, base), base)
         self.conv_out = nn.Conv2d(base, out_channels, 3, padding=1)
 
+    def norm_out_silu(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head's GroupNorm + SiLU: a method of its own so ``snapgen.models.kernels`` can fuse it."""
+        return F.silu(self.norm_out(h))
+
     def _run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(module, *args)
@@ -230,7 +234,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
                 h = stage.resample(h)
 
         features = h
-        out = self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(self.norm_out_silu(h))
         if not return_dict:
             return (out, features) if return_features else (out,)
         return SnapGenUNetOutput(sample=out, features=features if return_features else None)

@@ -145,6 +145,16 @@ def small_redis(tmp_path):
     server.stop()
 
 
+async def scrape(queue) -> dict[str, float]:
+    """The API's /metrics on ``queue``."""
+    from server.api import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(), queue=queue, start_worker=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return metric_values((await client.get("/metrics")).text)
+
+
 def test_redis_above_the_high_water_mark_refuses_new_jobs_but_keeps_working(small_redis):
     server, client = small_redis
     queue = RedisJobQueue(server.url, prefix="hw", high_water=0.9)
@@ -158,11 +168,13 @@ def test_redis_above_the_high_water_mark_refuses_new_jobs_but_keeps_working(smal
         run(queue.submit(new_job(), 10))
     with pytest.raises(QueueStoreFull):
         run(queue.ping())
+    assert run(scrape(queue))["snapgen_queue_store_full"] == 1  # what SnapgenRedisFull alerts on
     assert client.set("still-writable", b"1")  # refused before Redis itself refuses anything
     [running] = queue.start("w", queue.reserve("w", 1, 1.0))  # accepted jobs still run and finish
     assert queue.complete(running, [b"img"], {"count": 1})
     client.config_set("maxmemory", "0")  # no maxmemory: no check
     run(queue.ping())
+    assert run(scrape(queue))["snapgen_queue_store_full"] == 0
     assert run(queue.submit(new_job(), 10))[1]
     assert run(queue.get(held.id)).status == SUCCEEDED
 

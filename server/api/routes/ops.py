@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ... import metrics
-from ...queue import QueueUnavailable
+from ...queue import QueueStoreFull, QueueUnavailable
 from ..dependencies import Queue
 from ..schemas import Health, Readiness
 
@@ -73,9 +73,16 @@ def workers_check(workers: dict[str, dict]) -> tuple[str, bool]:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def prometheus(queue: Queue):
+    full = False
     try:
         stats, up = await queue.stats(), True
+        try:
+            await queue.ping()
+        except QueueStoreFull:
+            full = True
+        except QueueUnavailable:
+            pass  # it answered the stats: up; its next scrape tells more
     except QueueUnavailable:
         stats, up = None, False
-    payload, content_type = metrics.render(stats, up)
+    payload, content_type = metrics.render(stats, up, full)
     return Response(payload, media_type=content_type)
