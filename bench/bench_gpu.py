@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from bench_efficiency import count_flops, decoder_workloads, sdxl_unet, snapgen_unet
 from benchlib import publish, write_json
-from gpu_parts import PARTS, load_parts, run_part
+from gpu_parts import PARTS, as_graph, load_parts, run_part
 from gpu_report import END as SESSION_END
 from gpu_report import START as SESSION_START
 from gpu_report import markdown as session_markdown
@@ -65,20 +65,6 @@ def cuda_ms(fn, warmup: int, runs: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def as_graph(fn, warmup: int = 3):
-    """Capture ``fn`` (fixed input tensors) as a CUDA graph; returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def cast(inputs, device, dtype):
@@ -112,7 +98,7 @@ def bench_workload(workload, dtype_name: str, warmup: int, runs: int, graph: boo
     }
     if graph:
         try:
-            result["graph_ms"] = cuda_ms(as_graph(call), warmup, runs)
+            result["graph_ms"] = cuda_ms(as_graph(call, device), warmup, runs)
         except RuntimeError as error:  # a host sync inside the model makes capture fail: report, go on
             result["graph_error"] = str(error).splitlines()[0][:200]
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -347,8 +333,8 @@ def main() -> None:
         return
     if args.session_report:
         parts = load_parts(args.session_report)
-        print(targets_text(targets(parts)))
         publish(session_markdown(parts), args.out, SESSION_START, SESSION_END)
+        print(targets_text(targets(parts)))
         return
     if args.render:
         report = {}

@@ -149,12 +149,12 @@ def cast(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modu
     """``module`` on ``device`` in ``dtype``; ``.half()`` rather than ``.to(dtype=...)``, on which diffusers' models
     warn about float32 modules that these models do not have."""
     module = module.to(device)
-    return module.half() if dtype == torch.float16 else module.to(dtype)
+    return {torch.float16: module.half, torch.bfloat16: module.bfloat16}.get(dtype, module.float)()
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -220,7 +220,7 @@ def measure_module(part: Part, name: str, model: nn.Module, args: tuple, kwargs:
     free_memory(part.device)
 
 
-def _cast(inputs, device, dtype):
+def _inputs_on(inputs, device, dtype):
     def one(x):
         if isinstance(x, dict):
             return {k: one(v) for k, v in x.items()}
@@ -240,7 +240,7 @@ def part_unet_snapgen(part: Part) -> None:
     workload = snapgen_unet("SnapGen U-Net (snapgen-379m)", config, resolution, 77)
     torch.manual_seed(0)
     model = workload.build(part.device)
-    args, kwargs = _cast(workload.inputs(torch.device("cpu")), part.device, part.dtype)
+    args, kwargs = _inputs_on(workload.inputs(torch.device("cpu")), part.device, part.dtype)
     part.report["resolution"] = resolution
     measure_module(part, workload.name, model, args, kwargs, MODULE_MODES)
 
@@ -275,7 +275,7 @@ def part_unet_sdxl(part: Part) -> None:
         with torch.device(part.device):
             model = workload.build(part.device)
         inputs = workload.inputs(torch.device("cpu"))
-    args, kwargs = _cast(inputs, part.device, part.dtype)
+    args, kwargs = _inputs_on(inputs, part.device, part.dtype)
     part.report["resolution"] = resolution
     measure_module(part, "SDXL U-Net (diffusers)", model, args, kwargs, ("eager", "graph", "compile", "compile+graph"))
 
@@ -407,7 +407,11 @@ def part_default_model(part: Part) -> None:
         return Stages(unet, decoder, sampler, text, call)
 
     half = "fp16" if part.dtype == torch.float16 else "fp32"
-    modes = ("fp32 eager", "fp32 traced", "fp32 graph", "fp32 traced graph")
+    modes = (
+        ("fp32 eager", "fp32 graph", "fp32 traced graph")
+        if part.smoke
+        else ("fp32 eager", "fp32 traced", "fp32 graph", "fp32 traced graph")
+    )
     if half != "fp32":
         modes += (f"{half} eager", f"{half} graph")
     modes += (f"{half} triton+graph", f"{half} compile+graph")
@@ -460,7 +464,7 @@ class RandomTextStack(nn.Module):
 
     def forward(self, ids: list[torch.Tensor]):
         outs = [clip(input_ids=i) for clip, i in zip(self.clips, ids[:2])]
-        hidden = [o.last_hidden_state for o in outs] + [self.gemma(input_ids=ids[2]).last_hidden_state]
+        hidden = [o.last_hidden_state for o in outs] + [self.gemma(input_ids=ids[2], use_cache=False).last_hidden_state]
         tokens = torch.cat([p(h) for p, h in zip(self.projections, hidden)], dim=1)
         return tokens, torch.cat([o.text_embeds for o in outs], dim=-1)
 
@@ -532,15 +536,16 @@ def part_server(part: Part) -> None:
     from snapgen.request import GenerationRequest
 
     cuda = part.device.type == "cuda"
-    half = "fp16" if cuda else "fp32"
     batches = (1,) if part.smoke else (1, 8, 64)
     modes = {  # name: (TorchBackend options, the mode whose images it must equal bit for bit)
         "fp32 traced U-Net": ({"trace_unet": True}, None),
         "fp32 graph": ({"trace_unet": True, "graph": True}, "fp32 traced U-Net"),
-        f"{half} traced U-Net": ({"dtype": half, "trace_unet": True}, None),
-        f"{half} graph": ({"dtype": half, "trace_unet": True, "graph": True}, f"{half} traced U-Net"),
-        f"{half} triton graph": ({"dtype": half, "kernels": "triton", "graph": True}, None),
+        "fp16 traced U-Net": ({"dtype": "fp16", "trace_unet": True}, None),
+        "fp16 graph": ({"dtype": "fp16", "trace_unet": True, "graph": True}, "fp16 traced U-Net"),
+        "fp16 triton graph": ({"dtype": "fp16", "kernels": "triton", "graph": True}, None),
     }
+    if part.smoke:  # the new path alone, in fp32, untraced (on a CPU, uncaptured)
+        modes = {"fp32 graph": ({"trace_unet": False, "graph": True}, None)}
     prompts = ["a red circle to the left of a blue square", "three green triangles"] * 32
     steps = 1 if part.smoke else None  # None: the model's default (4)
     row = {"name": "server engine", "batches": list(batches)}

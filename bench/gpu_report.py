@@ -75,10 +75,12 @@ TARGETS: list[tuple[str, str, float, bool, Callable[[dict], tuple[float, str] | 
 
 
 def targets(parts: dict[str, dict]) -> list[dict]:
+    """Each target with its value and whether it is met (None: not measured, or a smoke run's numbers)."""
+    smoke = any(p.get("smoke") for p in parts.values())
     rows = []
     for what, unit, limit, at_most, find in TARGETS:
         found = find(parts)
-        met = None if found is None else (found[0] <= limit if at_most else found[0] >= limit)
+        met = None if found is None or smoke else (found[0] <= limit if at_most else found[0] >= limit)
         value, how = found if found is not None else (None, None)
         rows.append(dict(target=what, unit=unit, limit=limit, at_most=at_most, met=met, value=value, how=how))
     return rows
@@ -87,7 +89,7 @@ def targets(parts: dict[str, dict]) -> list[dict]:
 def targets_text(rows: list[dict]) -> str:
     lines = []
     for r in rows:
-        verdict = {True: "MET   ", False: "MISSED", None: "NOT MEASURED"}[r["met"]]
+        verdict = {True: "MET   ", False: "MISSED", None: "NO VERDICT (not measured, or a smoke run)"}[r["met"]]
         bound = f"{'<=' if r['at_most'] else '>='} {r['limit']:g} {r['unit']}"
         value = "" if r["value"] is None else f"{r['value']:.2f} {r['unit']} ({r['how']})"
         lines.append(f"{verdict}  {r['target']}: {bound}; {value}")
@@ -112,8 +114,14 @@ def _problems(part: dict) -> list[str]:
     found = [f"{part['part']}: {part['error']}"] if part.get("error") else []
     for row in part.get("rows", []):
         for mode, result in row.items():
-            if isinstance(result, dict) and ("error" in result or "skipped" in result):
-                found.append(f"{part['part']} {mode}: {result.get('error') or 'skipped: ' + result['skipped']}")
+            if not isinstance(result, dict):
+                continue
+            if "error" in result:
+                found.append(f"{part['part']} {mode}: {result['error']}")
+            elif "skipped" in result:
+                found.append(f"{part['part']} {mode}: skipped: {result['skipped']}")
+            elif "running" in result:
+                found.append(f"{part['part']} {mode}: cut off by the part's time budget")
     return found
 
 

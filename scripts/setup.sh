@@ -12,6 +12,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q -c constraints.txt torch
 # Every extra, for the tests: model (torch, diffusers, transformers), api (the HTTP API alone, no torch),
 # serve (both). triton: nvidia-pytriton (a tritonserver binary the Triton tests start) and tritonclient;
-# both keep numpy < 2.
-.venv/bin/pip install -q -c constraints.txt -e '.[model,api,serve,train,export,triton,dev]'
+# both keep numpy < 2. kernels: the Triton language, whose CPU interpreter tests/test_kernels.py runs.
+.venv/bin/pip install -q -c constraints.txt -e '.[model,api,serve,train,export,triton,kernels,dev]'
 .venv/bin/python -c "import torch, snapgen; print('snapgen', snapgen.__version__, '| torch', torch.__version__)"

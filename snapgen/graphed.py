@@ -137,7 +137,9 @@ class GraphedSampler:
                 self._run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # Thread-local: a worker records from its own thread, and CUDA work in another thread of the process
+        # (the embedded server runs its worker beside the API) must not break the capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self._latents, self._pixels = self._run()
         self._graph = graph
 

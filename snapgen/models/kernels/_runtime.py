@@ -41,9 +41,14 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise RuntimeError(NOT_RUNNABLE.format(device=t.device))
 
 
+# Fused multiply-adds where the compiler finds them: fewer roundings, never less accurate here. Said explicitly
+# because triton 3.9 warns that its default will change.
+OPTIONS = {"enable_fp_fusion": True}
+
+
 def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, **constexprs) -> None:
     """Every kernel in this package starts here (tests record these calls to compile them for a GPU)."""
-    kernel[grid](*args, num_warps=num_warps, **constexprs)
+    kernel[grid](*args, num_warps=num_warps, **OPTIONS, **constexprs)
 
 
 def pow2(n: int) -> int:

@@ -22,17 +22,18 @@ from . import _runtime as rt
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, heads, D, sxb, sxn, sxf, eps,
-    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, HN, D, sxb, sxn, sxf, eps,
+    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    b = bh // heads
-    head = bh % heads
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows r = head * N + token of one sample: the output (B, heads, N, d) is contiguous in r, and each row
+    # is normed and rotated on its own.
+    b = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = r % N
     j = tl.arange(0, BLOCK_D)
     jmask = j < D
-    mask = (n < N)[:, None] & jmask[None, :]
-    row = x_ptr + b * sxb + n[:, None] * sxn + (head * D) * sxf
+    mask = (r < HN)[:, None] & jmask[None, :]
+    row = x_ptr + b * sxb + (n * sxn + (r // N) * D * sxf)[:, None]
     y = tl.load(row + j[None, :] * sxf, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
@@ -49,7 +50,7 @@ def _qk_norm_rope_kernel(
         cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
         sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
         y = y * cos + yp * sin
-    out = y_ptr + (bh * N + n[:, None]) * D + j[None, :]
+    out = y_ptr + (b * HN + r[:, None]) * D + j[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -72,11 +73,11 @@ def qk_norm_rope(
     y = torch.empty(batch, heads, tokens, head_dim, device=x.device, dtype=x.dtype)
     cos, sin = (t.float().contiguous() for t in rotary) if rotary is not None else (y, y)
     block_d = rt.pow2(head_dim)
-    block_n = max(1, min(rt.pow2(tokens), rt.TILE // block_d))
+    block_r = max(1, min(rt.pow2(heads * tokens), rt.TILE // block_d))
     rt.launch(
         _qk_norm_rope_kernel,
-        (batch * heads, rt.cdiv(tokens, block_n)),
-        (x, weight if weight is not None else y, cos, sin, y, tokens, heads, head_dim, *x.stride(), eps),
-        HAS_NORM=weight is not None, HAS_ROPE=rotary is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        (batch, rt.cdiv(heads * tokens, block_r)),
+        (x, weight if weight is not None else y, cos, sin, y, tokens, heads * tokens, head_dim, *x.stride(), eps),
+        HAS_NORM=weight is not None, HAS_ROPE=rotary is not None, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
     return y
