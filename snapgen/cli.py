@@ -530,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"snapgen {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if argv is None:
+        if argv is None and "triton" not in sys.modules:
             # At exit the interpreter's collector walks every object torch and diffusers made at import
             # (about 1 s on 2 CPU cores, a quarter of a cold `snapgen generate`); the process is ending, so
             # they are marked permanent instead. Callers passing ``argv`` (tests, scripts) live on: not for them.
+            # Not with triton loaded (torch imports it where it is installed): its bindings report every
+            # object still alive at exit, some thirty lines on stderr.
             gc.freeze()
         elif getattr(args, "collector_frozen", False):
             gc.unfreeze()

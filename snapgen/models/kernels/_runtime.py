@@ -23,7 +23,6 @@ INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 # interpreter runs programs one after another in Python, so there fewer, larger tiles are much faster.
 TILE = 1 << 16 if INTERPRETED else 2048
 
-ACT_NONE: tl.constexpr = tl.constexpr(0)
 ACT_SILU: tl.constexpr = tl.constexpr(1)
 ACTIVATIONS = {None: 0, "none": 0, "silu": 1}
 
@@ -64,6 +63,18 @@ def tile_2d(rows: int, cols: int, max_cols: int = 64) -> tuple[int, int]:
     block_cols = min(pow2(cols), max_cols if not INTERPRETED else pow2(cols))
     block_rows = max(1, min(pow2(rows), TILE // block_cols))
     return block_rows, block_cols
+
+
+def channels_inner(x: torch.Tensor) -> bool:
+    """Whether channels are x's innermost axis in memory (channels-last), for a (B, C, H, W) tensor."""
+    return x.stride(1) < x.stride(3) or (x.shape[3] == 1 and x.stride(1) < x.stride(2))
+
+
+def pixel_channel_tile(x: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) for a (pixels x channels) tile of x: wide along whichever axis is contiguous, so
+    that a warp's loads cover whole cache lines."""
+    height, width = x.shape[2:]
+    return tile_2d(height * width, x.shape[1], max_cols=64 if channels_inner(x) else 4)
 
 
 def activation(act: str | None) -> int:

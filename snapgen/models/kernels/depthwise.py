@@ -94,7 +94,7 @@ def depthwise3x3(
     batch, channels, height, width = x.shape
     y = torch.empty_like(x)
     weight = conv.weight.contiguous()
-    block_p, block_c = rt.tile_2d(height * width, channels, max_cols=32)
+    block_p, block_c = rt.pixel_channel_tile(x)
     grid = (batch, rt.cdiv(height * width, block_p), rt.cdiv(channels, block_c))
     rt.launch(
         _depthwise3x3_kernel,

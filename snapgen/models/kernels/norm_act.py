@@ -150,10 +150,6 @@ def _scale_shift_act_kernel(
     tl.store(y_ptr + b * syb + c[None, :] * syc + y_pixels, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _channels_inner(x: torch.Tensor) -> bool:
-    return x.stride(1) < x.stride(3) or (x.shape[3] == 1 and x.stride(1) < x.stride(2))
-
-
 def _flat_pixels(*tensors: torch.Tensor) -> bool:
     """Whether rows and columns of every tensor merge into one pixel axis (both standard layouts do)."""
     return all(t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3) for t in tensors)
@@ -188,7 +184,7 @@ def group_norm_scale_shift(
         (rt.cdiv(batch * groups, block_g), split),
         (x, add_or_any, weight, bias, parts, scale, shift, channels, groups, batch * groups, width,
          height * width, cpg, group_numel, chunk, *x.stride(), norm.eps),
-        CHANNELS_INNER=_channels_inner(x), FLAT=_flat_pixels(x), BLOCK=block, **meta,
+        CHANNELS_INNER=rt.channels_inner(x), FLAT=_flat_pixels(x), BLOCK=block, **meta,
     )  # fmt: skip
     if split > 1:
         rt.launch(
@@ -207,7 +203,7 @@ def scale_shift_act(
     batch, channels, height, width = x.shape
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     y = torch.empty_like(x, memory_format=memory_format)
-    block_p, block_c = rt.tile_2d(height * width, channels)
+    block_p, block_c = rt.pixel_channel_tile(x)
     grid = (batch, rt.cdiv(height * width, block_p), rt.cdiv(channels, block_c))
     rt.launch(
         _scale_shift_act_kernel,
