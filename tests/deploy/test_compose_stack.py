@@ -172,7 +172,15 @@ def test_prometheus_scraped_the_api_and_both_workers(stack, prometheus):
 def test_every_alert_rule_evaluates_and_none_fires(stack, prometheus):
     expected = [r["alert"] for g in yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
                 for r in g["rules"]]  # fmt: skip
-    since = getattr(stack, "all_up_at", None) or server_time(prometheus)
+
+    # Evaluations from a moment the API's latest scrape counts every worker: the API can be up (and scraped,
+    # saying no workers) before the workers' first heartbeats, and SnapgenNoWorkers then stays pending until
+    # the next evaluation.
+    def workers_counted():
+        return set(by_instance(query(prometheus, "snapgen_workers")).values()) == {WORKERS}
+
+    wait_until(workers_counted, SCRAPE_TIMEOUT, "the API's scrape to count every worker", interval=1)
+    since = max(getattr(stack, "all_up_at", 0.0), server_time(prometheus))
 
     def evaluated():
         loaded = rules(prometheus)
