@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from snapgen.request import GenerationRequest, InvalidRequestError, ModelCard
 
@@ -76,12 +77,9 @@ def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None, max
     describe (None before any has: the worker then resolves the request). Raises APIError 422 (413 for
     an input image over ``max_image_bytes``).
     """
-    input_image = None
-    strength = body.strength
+    input_image, strength = None, body.strength
     if body.image is not None:
-        check_image_input(info)
-        input_image = read_input_image(decode_base64_image(body.image), "image", max_image_bytes)
-        strength = DEFAULT_STRENGTH if strength is None else strength
+        input_image, strength = image_input(info, decode_base64_image(body.image), strength, max_image_bytes)
     elif strength is not None:
         raise APIError(422, "invalid_request", "strength: only for image-to-image; send an image with it",
                        field="strength")  # fmt: skip
@@ -109,11 +107,14 @@ def new_job(body: GenerateRequest, mode: str, owner: str, info: dict | None, max
                preview=body.preview, input_image=input_image)  # fmt: skip
 
 
-def check_image_input(info: dict | None) -> None:
-    """APIError 422 on field ``image`` when the served model (if known yet) cannot take an input image."""
+def image_input(info: dict | None, data: bytes, strength: float | None, max_bytes: int | None) -> tuple[bytes, float]:
+    """An image-to-image input checked, with its strength (:data:`DEFAULT_STRENGTH` when unset). APIError 422 on
+    field ``image`` when the served model (if known yet) cannot take one or the worker could not decode it, 413
+    when it is over ``max_bytes``."""
     if info is not None and not info.get("image_input", False):
         raise APIError(422, "invalid_request", f"image: the model {info.get('id')!r} cannot take an input "
                        "image (it has no encoder); send a text-only request", field="image")  # fmt: skip
+    return read_input_image(data, "image", max_bytes), DEFAULT_STRENGTH if strength is None else strength
 
 
 def generation_request(info: dict | None, **fields) -> GenerationRequest:
@@ -198,7 +199,10 @@ async def generate(
     queue: JobQueue = state.queue
     settings: Settings = state.settings
     mode = negotiate(request.headers.get("accept"))
-    job = new_job(body, mode, owner, await state.model_info.get(queue), settings.max_image_bytes)
+    args = (body, mode, owner, await state.model_info.get(queue), settings.max_image_bytes)
+    # Checking an input image decodes it (up to 16 M pixels): not on the event loop. Text-only requests, the
+    # common case, skip the thread pool's hop.
+    job = await run_in_threadpool(new_job, *args) if body.image is not None else new_job(*args)
     job = await apply_webhook(job, body, settings, await base_url(request))
     idempotency = None
     if idempotency_key:

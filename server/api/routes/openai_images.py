@@ -12,13 +12,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ...queue import SUCCEEDED, TERMINAL, Job, JobQueue
 from ...settings import Settings
 from ..bodies import result_body
 from ..dependencies import base_url, rate_limited
 from ..errors import APIError
-from ..images_in import read_input_image
 from ..openai_schemas import (
     ImageEditForm,
     ImageGenerationRequest,
@@ -28,8 +28,8 @@ from ..openai_schemas import (
     generation_model,
     openai_error_responses,
 )
-from ..schemas import DEFAULT_STRENGTH, MAX_PROMPT_CHARS
-from .generate import check_image_input, failure, generation_request, submit, wait_for, with_body_model
+from ..schemas import MAX_PROMPT_CHARS
+from .generate import failure, generation_request, image_input, submit, wait_for, with_body_model
 
 SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 Principal = Annotated[str, Depends(rate_limited)]
@@ -55,9 +55,10 @@ def parse_size(size: str | None, info: dict | None) -> tuple[int | None, int | N
     return int(match[1]), int(match[2])
 
 
-def new_job(body: ImageRequest, owner: str, info: dict | None, **extra) -> Job:
-    """The job of an OpenAI request: its fields as POST /v1/generate takes them (``extra``: image-to-image)."""
-    input_image = extra.pop("input_image", None)
+def new_job(
+    body: ImageRequest, owner: str, info: dict | None, input_image: bytes | None = None, strength: float | None = None
+) -> Job:
+    """The job of an OpenAI request: its fields as POST /v1/generate takes them (an edit: its image and strength)."""
     width, height = parse_size(body.size, info)
     request = generation_request(
         info,
@@ -70,7 +71,7 @@ def new_job(body: ImageRequest, owner: str, info: dict | None, **extra) -> Job:
         height=height,
         width=width,
         output_format=body.output_format or "png",
-        **extra,
+        strength=strength,
     )
     response_format = body.response_format or "b64_json"
     return Job(id=uuid.uuid4().hex, request=request, owner=owner, response_format=response_format,
@@ -120,10 +121,10 @@ async def edits(request: Request, body: ImageEditForm, owner: Principal):
     state = request.app.state
     info = await state.model_info.get(state.queue)
     check_model(body.model, info)
-    check_image_input(info)
-    image = read_input_image(await body.image.read(), "image", state.settings.max_image_bytes)
-    strength = DEFAULT_STRENGTH if body.strength is None else body.strength
-    return await answer(request, new_job(body, owner, info, strength=strength, input_image=image))
+    data = await body.image.read()
+    # Checking the image decodes it (up to 16 M pixels): not on the event loop.
+    image, strength = await run_in_threadpool(image_input, info, data, body.strength, state.settings.max_image_bytes)
+    return await answer(request, new_job(body, owner, info, image, strength))
 
 
 SUCCESS = {
