@@ -285,6 +285,19 @@ def test_judge_rules_on_hand_made_scenes():
     assert judge(picture, "a red circle and a blue square").correct
     assert judge(picture, "a red circle").correct  # other objects are ignored, as in GenEval
     assert not judge(picture, "two red circles").correct
+    # The strict rule: exactly the requested objects. The blue square is an extra for "a red circle".
+    single = judge(picture, "a red circle")
+    assert not single.exact and single.extras == ["blue square"] == single.details["extras"]
+    assert judge(picture, "a red circle to the left of a blue square").exact
+    assert judge(picture, "a red circle and a blue square").extras == []
+    wrong = judge(picture, "a red circle to the right of a blue square")
+    assert not wrong.exact and wrong.extras == []  # no extras, but not correct either
+    missing = judge(picture, "a green triangle")
+    assert missing.extras == ["blue square", "red circle"] and not missing.exact
+    two_circles = render_scene(Scene([red_circle, SceneObject("circle", "red", 90.0, 64.0, 30.0)], "", "count"))
+    assert judge(two_circles, "two red circles").exact
+    assert judge(two_circles, "a red circle").extras == ["red circle"]  # a second one is an extra
+    assert not judge(two_circles, "a red circle").exact
     # 45-degree cone by centres: 60 px right and 50 px down is still "to the left of".
     assert relation_holds("to the left of", (30, 30), (90, 80)) and not relation_holds("above", (30, 30), (90, 80))
     # An upside-down triangle is not a triangle.
@@ -449,13 +462,24 @@ def test_cli_eval_shapes_end_to_end(tiny_model, tmp_path, capsys):
         summary = report if key is None else report[key]
         means = []
         for c in CATEGORIES:
-            mine = [r["correct"] for r in block if r["category"] == c]
-            assert summary["counts"][c] == {"correct": sum(mine), "total": len(mine)}
-            assert summary["accuracy"][c] == (sum(mine) / len(mine) if mine else None)
-            means += [sum(mine) / len(mine)] if mine else []
-        assert summary["overall"] == pytest.approx(sum(means) / len(means))
+            mine = [r for r in block if r["category"] == c]
+            correct = [r["correct"] for r in mine]
+            exact = [r["exact"] for r in mine]
+            extras = [r["extra_objects"] > 0 for r in mine]
+            assert summary["counts"][c] == {
+                "correct": sum(correct), "exact": sum(exact), "with_extras": sum(extras), "total": len(mine)
+            }
+            assert summary["accuracy"][c] == (sum(correct) / len(mine) if mine else None)
+            assert summary["exact"][c] == (sum(exact) / len(mine) if mine else None)
+            assert summary["extra_rate"][c] == (sum(extras) / len(mine) if mine else None)
+            means += [(sum(correct) / len(mine), sum(exact) / len(mine), sum(extras) / len(mine))] if mine else []
+        for k, key in enumerate(("overall", "exact_overall", "extra_rate_overall")):
+            assert summary[key] == pytest.approx(sum(m[k] for m in means) / len(means))
     for r in records:
         assert isinstance(r["correct"], bool) and "detections" in r["details"]
+        assert r["extra_objects"] == len(r["details"]["extras"])
+        assert not r["exact"] or (r["correct"] and r["extra_objects"] == 0)
+    assert f"exact objects {100 * report['exact_overall']:.1f}%" in printed
 
     # Each record is the judge's verdict on the picture the pipeline makes from that prompt and seed.
     from snapgen.model_dir import load_pipeline
@@ -463,7 +487,8 @@ def test_cli_eval_shapes_end_to_end(tiny_model, tmp_path, capsys):
     pipe = load_pipeline(tiny_model)
     for r in records[:2]:
         picture = pipe([r["prompt"]], seeds=[r["seed"]], steps=1).images[0]
-        assert judge(picture, r["prompt"]).correct == r["correct"]
+        verdict = judge(picture, r["prompt"])
+        assert (verdict.correct, verdict.exact, len(verdict.extras)) == (r["correct"], r["exact"], r["extra_objects"])
 
 
 def test_cli_eval_shapes_bad_input(tiny_model, tmp_path, capsys):

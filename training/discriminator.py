@@ -8,8 +8,11 @@ attention) and the noise level; each head additionally gets ``t'`` by FiLM, sinc
 looks like changes with the noise level. The logits of all heads are concatenated and trained
 with the hinge loss (``training/losses.py``).
 
-The teacher is not a submodule here: its parameters belong to no optimizer and no checkpoint.
-Only the heads train; the stage runs the teacher and hands the maps over.
+By default the teacher is not a submodule here: its parameters belong to no optimizer and no
+checkpoint, only the heads train, and the stage runs the teacher and hands the maps over. Frozen
+features of a diffusion model may barely tell real latents from a good student's (measured in
+docs/results.md); with a ``backbone`` (a trainable copy of the teacher) the features train with
+the heads, in the discriminator's optimizer and checkpoint.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ class DiscriminatorHead(nn.Module):
 class LADDDiscriminator(nn.Module):
     """One head per chosen teacher layer; ``forward(layers, t) -> [(B, h_i * w_i)]``, one per head."""
 
-    def __init__(self, layer_channels: Mapping[int, int], hidden: int = 64, t_dim: int = 128):
+    def __init__(
+        self, layer_channels: Mapping[int, int], hidden: int = 64, t_dim: int = 128, backbone: nn.Module | None = None
+    ):
         super().__init__()
+        self.backbone = backbone  # trained with the heads when given; the stage calls it
         if not layer_channels:
             raise ValueError("LADD needs at least one teacher layer to put a head on")
         self.layers = [int(i) for i in layer_channels]

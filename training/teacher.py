@@ -255,11 +255,25 @@ def load_teacher(path: str | Path, torch_dtype: torch.dtype | None = None) -> Te
         teacher = SD3TeacherAdapter(model)
     else:
         teacher = UNetTeacherAdapter(SnapGenUNet.from_pretrained(folder, use_safetensors=True, torch_dtype=torch_dtype))
-    info = root / "teacher.json"
-    sizes = json.loads(info.read_text()).get("trained_latent_sizes") if info.is_file() else None
+    sizes = trained_latent_sizes(root)
     if sizes:
         teacher.trained_sizes = sizes
     return teacher
+
+
+def trained_latent_sizes(root: Path) -> list[int] | None:
+    """The latent sizes a teacher directory was trained at: a teacher stage's ``teacher.json``
+    says so; a snapgen model directory's ``model_index.json`` lists its training resolutions
+    (a progressive run exports every size it trained at)."""
+    info = root / "teacher.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("trained_latent_sizes")
+    index = root / "model_index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text())
+        if meta.get("resolutions") and meta.get("latent_factor"):
+            return sorted({int(h) // int(meta["latent_factor"]) for h, _ in meta["resolutions"]})
+    return None
 
 
 def check_teacher_compatible(

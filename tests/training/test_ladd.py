@@ -269,3 +269,47 @@ def test_the_parent_unet_can_be_the_discriminator_backbone(ladd_parts):
     loss.backward()
     assert metrics["adv_g"] != 0 and all(p.grad is None for p in stage.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())
+
+
+def test_a_trained_backbone_learns_with_the_heads_and_the_teacher_stays_frozen(ladd_parts):
+    """``disc_backbone: trained``: the heads read a trainable copy of the teacher, which the
+    discriminator's step updates and the generator's step leaves alone; the teacher itself (the
+    distillation target) never changes. The logged accuracy is the share of logits on the right
+    side of 0."""
+    from training.data import build_dataset, collate
+    from training.stages.ladd import discriminator_accuracy
+
+    stage, config = ladd_stage(ladd_parts, disc_backbone="trained")
+    stage.check_compatible()
+    backbone = stage.discriminator.backbone
+    assert backbone is not None and backbone is not stage.teacher
+    modules = stage.trainable_modules()
+    backbone_params = set(map(id, backbone.parameters()))
+    assert backbone_params <= set(map(id, modules["discriminator"].parameters()))
+    assert all(p.requires_grad for p in backbone.parameters())
+    teacher_before = {k: v.clone() for k, v in stage.teacher.state_dict().items()}
+    backbone_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    batch = collate([build_dataset(config.data, 32)[i] for i in range(2)])
+    optimizer = torch.optim.AdamW(modules["discriminator"].parameters(), lr=1e-3)
+
+    for p in modules["discriminator"].parameters():  # the generator's step, as the loop runs it
+        p.requires_grad_(False)
+    loss, _ = stage.loss("generator", batch, 0)
+    loss.backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    for p in modules["discriminator"].parameters():
+        p.requires_grad_(True)
+    for p in modules["generator"].parameters():
+        p.requires_grad_(False)
+    loss, metrics = stage.loss("discriminator", batch, 0)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
+    optimizer.step()
+    assert any(not torch.equal(v, backbone_before[k]) for k, v in backbone.state_dict().items())
+    for k, v in stage.teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_before[k])
+    assert 0.0 <= metrics["d_accuracy"] <= 1.0
+
+    real, fake = torch.tensor([[1.0, -1.0, 2.0, 3.0]]), torch.tensor([[-1.0, -2.0, 1.0, -3.0]])
+    assert discriminator_accuracy([(real, fake)]) == pytest.approx((0.75 + 0.75) / 2)
+    assert discriminator_accuracy([(real, fake), (-real, -fake)]) == pytest.approx(0.5)

@@ -1,91 +1,116 @@
 #!/usr/bin/env bash
-# The embedded default model (snapgen-shapes) from scratch, every stage of the recipe in order.
-# Each stage resumes from its last checkpoint when re-run, so this script can be
-# interrupted and started again; stages already finished (runs/shapes/STAGE/DONE) are skipped.
+# The embedded default model (snapgen-shapes), every stage of the recipe in order:
 #
-#   bash training/recipes/shapes.sh                  # all stages
-#   STAGES="kd ladd" bash training/recipes/shapes.sh # some of them
-#   MAX_STEPS=6000 STAGES="teacher" bash training/recipes/shapes.sh   # extend a finished stage
-#   STAGES=ship bash training/recipes/shapes.sh       # only copy the LADD product into the package
-#   PRODUCT=runs/shapes/ladd-s5/model STAGES=ship bash training/recipes/shapes.sh  # ship another run
+#   autoencoder -> decoder -> teacher -> kd -> ladd -> ship
 #
-# Dependencies: autoencoder -> {decoder, teacher}; decoder -> pretrain (the student without KD);
-# teacher + decoder -> kd; pretrain + teacher -> ladd. Every run but LADD is progressive (64 px,
-# then 128 px): better per CPU-hour, and the only way the students here learned which way round
-# a spatial relation goes (docs/results.md). The KD comparison is kd (4000 steps) against
-# pretrain's 4000-step snapshot (runs/shapes/pretrain/model-4000steps). LADD's parent is pretrain
-# (8000 steps); the MMDiT teacher is LADD's discriminator backbone. With PARALLEL=1 (the default)
-# two lanes run side by side, one core each (cpu_threads: 1), then LADD:
-#   lane 1: decoder -> pretrain        lane 2: teacher -> (waits for the decoder) kd
-#   then: ladd
+# and the ablations that test the recipe's two claims at equal steps:
+#
+#   kd-baseline     the kd stage without KD (same student, data, seeds, steps)
+#   ladd-baseline   LADD of kd-baseline (the KD comparison after step distillation)
+#   ladd-noadv      LADD of kd with adv_weight 0 (what the adversary adds)
+#
+#   bash training/recipes/shapes.sh                       # the recipe, then ship
+#   STAGES="kd-baseline ladd-baseline ladd-noadv" bash training/recipes/shapes.sh
+#   STAGES=ship bash training/recipes/shapes.sh           # only copy the LADD product into the package
+#   PRODUCT=runs/shapes/ladd-noadv/model STAGES=ship bash training/recipes/shapes.sh
+#   RETRAIN="teacher" bash training/recipes/shapes.sh     # train a stage whose product is committed
+#
+# Resuming. Every stage reads the products of earlier ones from runs/shapes/products/NAME, a
+# link this script makes to the first of:
+#   1. runs/shapes/NAME/<product>, once the stage has finished here (runs/shapes/NAME/DONE);
+#   2. the committed product, for the stages whose product is in git (COMMITTED below), so a
+#      fresh clone starts at the first stage whose product is not committed;
+#   3. nothing: the stage is trained, resuming from its last checkpoint if there is one.
+# So the script can be interrupted and started again, on this machine or, with the committed
+# products, on another. RETRAIN names stages to train even though a committed product exists.
+# With PARALLEL=1 (the default) independent stages run side by side, one core each
+# (cpu_threads: 1 in their configs): kd beside kd-baseline, ladd beside ladd-baseline.
 # Wall time of each stage goes to runs/shapes/NAME/DONE; logs to runs/shapes/NAME.log.
-# Last, `ship` replaces the embedded default model (snapgen/assets/snapgen-shapes) with the LADD
-# product: the 4-step student with the tiny decoder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-STAGES="${STAGES:-autoencoder decoder teacher pretrain kd ladd ship}"
+STAGES="${STAGES:-autoencoder decoder teacher kd ladd ship}"
+RETRAIN="${RETRAIN:-}"
 PARALLEL="${PARALLEL:-1}"
-mkdir -p runs/shapes
+mkdir -p runs/shapes/products
+
+# Where each stage's run leaves its product, and the committed copy (fp16 weights where large).
+declare -A RUN_PRODUCT=(
+    [autoencoder]=runs/shapes/autoencoder/autoencoder [decoder]=runs/shapes/decoder/decoder
+    [teacher]=runs/shapes/teacher/model [kd]=runs/shapes/kd/model [kd-baseline]=runs/shapes/kd-baseline/model
+    [ladd]=runs/shapes/ladd/model [ladd-baseline]=runs/shapes/ladd-baseline/model
+    [ladd-noadv]=runs/shapes/ladd-noadv/model
+)
+declare -A COMMITTED=(
+    [autoencoder]=snapgen/assets/snapgen-shapes/autoencoder [decoder]=snapgen/assets/snapgen-shapes/decoder
+    [teacher]=training/products/shapes/teacher [kd]=training/products/shapes/kd
+)
 
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+retrain() { [[ " $RETRAIN " == *" $1 "* ]]; }
+
+link_product() {  # NAME TARGET: runs/shapes/products/NAME -> TARGET
+    ln -sfn "$(realpath --relative-to=runs/shapes/products "$2")" "runs/shapes/products/$1"
+}
+
+resolve() {  # NAME: link the product if there is one; 0 if the stage need not run
+    local name=$1 committed=${COMMITTED[$1]:-}
+    if [ -f "runs/shapes/${name}/DONE" ] && [ -e "${RUN_PRODUCT[$name]}" ]; then
+        link_product "$name" "${RUN_PRODUCT[$name]}"
+        echo "== ${name}: done already (runs/shapes/${name}/DONE)"
+        return 0
+    fi
+    if [ -n "$committed" ] && [ -e "$committed" ] && ! retrain "$name"; then
+        link_product "$name" "$committed"
+        echo "== ${name}: the committed product (${committed})"
+        return 0
+    fi
+    return 1
+}
 
 run_stage() {  # NAME: configs/shapes/NAME.yaml -> runs/shapes/NAME, trained as the stage the config names
     local name=$1 config="configs/shapes/$1.yaml" out="runs/shapes/$1" stage
+    resolve "$name" && return 0
     stage=$(sed -n 's/^stage: *//p' "$config")
-    local extra=()
-    [ -n "${MAX_STEPS:-}" ] && extra=(--max-steps "$MAX_STEPS")
-    if [ -f "${out}/DONE" ] && [ -z "${MAX_STEPS:-}" ]; then
-        echo "== ${name}: done already (${out}/DONE)"
-        return
-    fi
     echo "== ${name}: start $(date -u +%FT%TZ)"
     local start resume=()
     start=$(date +%s)
     [ -d "${out}/checkpoints" ] && resume=(--resume)
-    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" "${extra[@]}" >> "runs/shapes/${name}.log" 2>&1
-    local took=$(( $(date +%s) - start ))
-    local before=0
-    [ -f "${out}/DONE" ] && before=$(cut -d' ' -f1 "${out}/DONE")
-    echo "$(( before + took )) s" > "${out}/DONE"
-    echo "== ${name}: done $(date -u +%FT%TZ) (${took} s this run)"
+    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" >> "runs/shapes/${name}.log" 2>&1
+    echo "$(( $(date +%s) - start )) s" > "${out}/DONE"
+    link_product "$name" "${RUN_PRODUCT[$name]}"
+    echo "== ${name}: done $(date -u +%FT%TZ) ($(cat "${out}/DONE"))"
 }
 
-run_chain() {
+run_all() {  # the wanted stages among the arguments: side by side with PARALLEL=1, else in order
+    local pids=() name
     for name in "$@"; do
-        if wanted "$name"; then run_stage "$name"; fi
+        wanted "$name" || continue
+        if [ "$PARALLEL" = 1 ]; then run_stage "$name" & pids+=($!); else run_stage "$name"; fi
     done
+    for pid in "${pids[@]}"; do wait "$pid"; done
     return 0
 }
 
-wait_for() {  # a stage of the other lane
-    while [ ! -f "runs/shapes/$1/DONE" ]; do
-        kill -0 "$2" 2>/dev/null || { echo "== $1 failed in the other lane; see runs/shapes/$1.log" >&2; exit 1; }
-        sleep 10
-    done
-}
+# Products the wanted stages read, even when their own stage is not wanted this time.
+for name in autoencoder decoder teacher kd kd-baseline; do
+    wanted "$name" || resolve "$name" > /dev/null || true
+done
 
-run_chain autoencoder
-if [ "$PARALLEL" = 1 ]; then
-    run_chain decoder pretrain &
-    lane=$!
-    run_chain teacher
-    if wanted kd; then
-        { wanted decoder || [ -f runs/shapes/decoder/DONE ]; } && wait_for decoder "$lane"
-        run_chain kd
-    fi
-    wait "$lane"
-    run_chain ladd
-else
-    run_chain decoder teacher pretrain kd ladd
-fi
+run_all autoencoder
+run_all decoder
+run_all teacher
+run_all kd kd-baseline
+run_all ladd ladd-baseline ladd-noadv
 
 if wanted ship; then
     product=${PRODUCT:-runs/shapes/ladd/model} assets=snapgen/assets/snapgen-shapes
     [ -f "${product}/model_index.json" ] || { echo "== ship: no LADD product at ${product}" >&2; exit 1; }
     # Copied beside the target and swapped in, so an interrupted copy never leaves half a model.
     rm -rf "${assets}.new" "${assets}.old"
-    cp -r "$product" "${assets}.new"
+    cp -rL "$product" "${assets}.new"
+    # The encoder travels with the default, so it can be trained on (image-to-image, fine-tuning).
+    [ -d "${assets}.new/autoencoder" ] || cp -rL runs/shapes/products/autoencoder "${assets}.new/autoencoder"
     chmod -R a+rX "${assets}.new"
     [ -d "$assets" ] && mv "$assets" "${assets}.old"
     mv "${assets}.new" "$assets"

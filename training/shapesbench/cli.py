@@ -232,6 +232,10 @@ def cmd_eval_shapes(args) -> None:
 
     parts = ", ".join(f"{c} {pct(a)}" for c, a in report["accuracy"].items())
     print(f"ShapesBench overall {pct(report['overall'])} ({parts}); held-out {pct(report['held_out']['overall'])}")
+    parts = ", ".join(f"{c} {pct(a)}" for c, a in report["exact"].items())
+    held = report["held_out"]
+    print(f"exact objects {pct(report['exact_overall'])} ({parts}); held-out {pct(held['exact_overall'])}; "
+          f"images with extra objects {pct(report['extra_rate_overall'])}")
     compositions = report["held_out"]["compositions"]
     if any(c["total"] for c in compositions.values()):
         counts = ", ".join(f"{name} {c['correct']}/{c['total']}" for name, c in compositions.items())

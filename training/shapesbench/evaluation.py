@@ -38,14 +38,36 @@ def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = Non
 
 
 def _summary(records: list[dict]) -> dict:
-    counts, accuracy = {}, {}
+    """Per category and overall (the mean of the categories present): ``accuracy`` by the GenEval-style
+    rule, ``exact`` (the share with exactly the requested objects and nothing else) and
+    ``extra_rate`` (the share with at least one object beyond the requested ones)."""
+
+    def per_category(key) -> tuple[dict, float | None]:
+        shares = {}
+        for category in CATEGORIES:
+            mine = [key(r) for r in records if r["category"] == category]
+            shares[category] = sum(mine) / len(mine) if mine else None
+        present = [a for a in shares.values() if a is not None]
+        return shares, (sum(present) / len(present) if present else None)
+
+    accuracy, overall = per_category(lambda r: r["correct"])
+    exact, exact_overall = per_category(lambda r: r["exact"])
+    extra_rate, extra_overall = per_category(lambda r: r["extra_objects"] > 0)
+    counts = {}
     for category in CATEGORIES:
-        mine = [r["correct"] for r in records if r["category"] == category]
-        counts[category] = {"correct": int(sum(mine)), "total": len(mine)}
-        accuracy[category] = sum(mine) / len(mine) if mine else None
-    present = [a for a in accuracy.values() if a is not None]
-    overall = sum(present) / len(present) if present else None
-    return {"accuracy": accuracy, "overall": overall, "counts": counts}
+        mine = [r for r in records if r["category"] == category]
+        counts[category] = {
+            "correct": sum(r["correct"] for r in mine),
+            "exact": sum(r["exact"] for r in mine),
+            "with_extras": sum(r["extra_objects"] > 0 for r in mine),
+            "total": len(mine),
+        }
+    return {
+        "accuracy": accuracy, "overall": overall,
+        "exact": exact, "exact_overall": exact_overall,
+        "extra_rate": extra_rate, "extra_rate_overall": extra_overall,
+        "counts": counts,
+    }  # fmt: skip
 
 
 def composition_breakdown(records: list[dict]) -> dict:
@@ -98,9 +120,11 @@ def evaluate(
 
     Image ``i`` of the list starts from the portable noise of seed ``seed + i``; ``steps`` and
     ``guidance_scale`` default to the model's. The report (JSON-ready): ``accuracy`` per category and
-    ``overall`` (the mean of the four) on the main block, the same under ``held_out`` for the
-    held-out block (with ``compositions``: see ``composition_breakdown``), and ``records`` (one per
-    prompt: prompt, category, seed, correct, judge details).
+    ``overall`` (the mean of the four) on the main block, beside them the strict ``exact`` /
+    ``exact_overall`` and the ``extra_rate`` / ``extra_rate_overall`` (see ``_summary``), the
+    same under ``held_out`` for the held-out block (with ``compositions``: see
+    ``composition_breakdown``), and ``records`` (one per prompt: prompt, category, seed, correct,
+    exact, extra_objects, judge details).
     ``on_image(i, record, image)`` sees every generated image (e.g. to save or tile them)."""
     from tqdm import tqdm
 
@@ -126,7 +150,10 @@ def evaluate(
             images = pipeline.run(chunk, output_type="pil").images
             for k, (item, image, noise_seed) in enumerate(zip(batch, images, seeds)):
                 result = judge(image, item["prompt"])
-                record = {"index": lo + k, **item, "seed": noise_seed, "correct": result.correct}
+                record = {
+                    "index": lo + k, **item, "seed": noise_seed, "correct": result.correct,
+                    "exact": result.exact, "extra_objects": len(result.extras),
+                }  # fmt: skip
                 record["details"] = result.details
                 records.append(record)
                 if on_image is not None:

@@ -74,9 +74,12 @@ class Detection:
 
 @dataclass
 class JudgeResult:
-    correct: bool
+    correct: bool  # the GenEval-style rule: the requested objects are there, extras ignored
     category: str
     details: dict = field(default_factory=dict)
+    # The strict rule: correct, and the picture holds exactly the requested objects, nothing else.
+    exact: bool = False
+    extras: list[str] = field(default_factory=list)  # detected objects beyond the requested ones
 
 
 # -- image processing -------------------------------------------------------------------------
@@ -205,7 +208,12 @@ def judge(image, prompt: str) -> JudgeResult:
     pair requested twice needs two). count: exactly N objects of the colour and shape. position:
     both present, and the largest object of the first kind is in the relation to the largest of
     the second kind, by centres, within 45 degrees of the relation's axis. Other objects in the
-    picture are ignored, as in GenEval."""
+    picture are ignored, as in GenEval.
+
+    ``exact`` is the strict rule: ``correct``, and the detected objects are exactly the requested
+    multiset (a second red circle beside "a red circle", or any object of another colour or
+    shape, fails it; so does a blob whose shape the detector cannot name). ``extras`` lists the
+    detected objects beyond the requested ones, whether or not the prompt was satisfied."""
     parsed = parse_prompt(prompt)
     detections = detect(image)
 
@@ -242,4 +250,9 @@ def judge(image, prompt: str) -> JudgeResult:
             details["centers"] = [[round(a.cx, 2), round(a.cy, 2)], [round(b.cx, 2), round(b.cy, 2)]]
             if not correct:
                 details["reason"] = f"relation {parsed.relation!r} does not hold by centres"
-    return JudgeResult(correct=bool(correct), category=parsed.category, details=details)
+    expected = Counter({parsed.objects[0]: parsed.count}) if parsed.category == "count" else requested
+    detected = Counter((d.color, d.shape) for d in detections)
+    extras = sorted(f"{c} {s}" for (c, s), k in (detected - expected).items() for _ in range(k))
+    exact = bool(correct) and detected == expected
+    details["extras"] = extras
+    return JudgeResult(correct=bool(correct), category=parsed.category, details=details, exact=exact, extras=extras)

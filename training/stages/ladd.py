@@ -44,6 +44,7 @@ samples at exactly the trained times.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,10 @@ class LADDOptions(FlowOptions):
     distill_teacher_text_encoder: str | None = None
     student_steps: list[int] = Field(default_factory=lambda: [4, 8], min_length=1)
     disc_layers: list[int] | None = None  # teacher blocks with a head; default: up to 4, evenly spaced
+    # "frozen": the heads read the frozen teacher. "trained": they read a copy of it that trains
+    # with them (the discriminator's optimizer, disc_lr), so its features can learn what tells
+    # real latents from the student's; the teacher itself stays frozen as the distillation target.
+    disc_backbone: Literal["frozen", "trained"] = "frozen"
     disc_hidden: int = Field(64, gt=0)
     disc_lr: float | None = Field(None, gt=0)  # default: optim.lr
     adv_weight: float = Field(1.0, ge=0)
@@ -106,6 +111,13 @@ class LADDOptions(FlowOptions):
         self.default_steps = self.default_steps or self.student_steps[0]
         self.sample_steps = self.sample_steps or self.student_steps[0]
         return self
+
+
+def discriminator_accuracy(heads: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The share of logits on the right side of 0 (real > 0, fake < 0), over every head and
+    location, real and fake weighted equally: 0.5 is chance."""
+    shares = [((real > 0).float().mean() + (fake < 0).float().mean()) / 2 for real, fake in heads]
+    return float(torch.stack(shares).mean())
 
 
 def default_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -139,7 +151,11 @@ class LADDStage(PretrainStage):
             channels = {i: self.teacher.layer_channels(i) for i in layers}
         except ValueError as e:
             raise ConfigError(f"stage_options.disc_layers: {e}") from None
-        self.discriminator = LADDDiscriminator(channels, o.disc_hidden).to(device)
+        backbone = None
+        if o.disc_backbone == "trained":
+            backbone = load_teacher(o.teacher).to(device)
+            backbone.model.requires_grad_(True)
+        self.discriminator = LADDDiscriminator(channels, o.disc_hidden, backbone=backbone).to(device)
         self.schedules = {n: flow_timesteps(n, o.sample_shift)[:-1].float().to(device) for n in o.student_steps}
         self.segments = {n: teacher_segments(n, o.distill_teacher_steps, o.sample_shift).to(device)
                          for n in o.student_steps}
@@ -180,7 +196,8 @@ class LADDStage(PretrainStage):
         )
 
     def _discriminate(self, z: torch.Tensor, t: torch.Tensor, text) -> list[torch.Tensor]:
-        layers = self.teacher(z, t, text, return_layers=self.discriminator.layers).layers
+        backbone = self.discriminator.backbone or self.teacher
+        layers = backbone(z, t, text, return_layers=self.discriminator.layers).layers
         return self.discriminator(layers, t)
 
     def _generate(self, batch: Batch) -> dict:
@@ -278,8 +295,10 @@ class LADDStage(PretrainStage):
         t_r, eps_r = g["t_renoise"], g["eps_renoise"]
         real = interpolate(g["x0"], eps_r, t_r)
         fake = interpolate(g["x0_hat"], eps_r, t_r)
-        with torch.no_grad():  # the teacher is frozen and neither input needs a gradient
-            layers = self.teacher(
+        trained = self.discriminator.backbone is not None
+        # A frozen backbone needs no graph: neither input needs a gradient.
+        with contextlib.nullcontext() if trained else torch.no_grad():
+            layers = (self.discriminator.backbone or self.teacher)(
                 torch.cat([real, fake]),
                 torch.cat([t_r, t_r]),
                 concat_text(g["text"], g["text"]),
@@ -292,6 +311,7 @@ class LADDStage(PretrainStage):
             "loss_d": loss.item(),
             "d_real": sum(r.mean().item() for r, _ in heads) / len(heads),
             "d_fake": sum(f.mean().item() for _, f in heads) / len(heads),
+            "d_accuracy": discriminator_accuracy(heads),
         }
         return loss, metrics
 
