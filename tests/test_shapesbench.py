@@ -197,6 +197,7 @@ def test_judge_is_exact_on_clean_renders():
         else:  # the detections are the scene, centres within 1 px
             dets = result.details["detections"]
             assert len(dets) == len(scene.objects)
+            assert result.exact and result.extras == [], (scene.caption, result.details)
             for obj in scene.objects:
                 assert any(
                     d["color"] == obj.color
@@ -364,6 +365,7 @@ def test_evaluate_scores_an_oracle_perfectly_and_a_wrong_model_at_zero():
     )
     assert report["overall"] == 1.0 and report["held_out"]["overall"] == 1.0
     assert all(a == 1.0 for a in report["accuracy"].values()) and report["n_held_out"] == 6
+    assert report["exact_overall"] == 1.0 and report["extra_rate_overall"] == 0.0
     assert seen == list(range(30)) and [len(c[0]) for c in oracle.calls] == [10, 10, 10]
     assert oracle.calls[1][1] == list(range(17, 27)) and oracle.calls[0][2:] == (2, 1.0)
     json.dumps(report)  # JSON-ready
@@ -489,6 +491,18 @@ def test_cli_eval_shapes_end_to_end(tiny_model, tmp_path, capsys):
         picture = pipe([r["prompt"]], seeds=[r["seed"]], steps=1).images[0]
         verdict = judge(picture, r["prompt"])
         assert (verdict.correct, verdict.exact, len(verdict.extras)) == (r["correct"], r["exact"], r["extra_objects"])
+
+
+def test_cli_judge_says_whether_the_picture_is_exact(tmp_path, capsys):
+    red_circle = SceneObject("circle", "red", 30.0, 64.0, 30.0)
+    blue_square = SceneObject("square", "blue", 90.0, 64.0, 30.0)
+    path = tmp_path / "pair.png"
+    render_scene(Scene([red_circle, blue_square], "", "position")).save(path)
+    assert main(["shapes", "judge", str(path), "a red circle"]) == 0
+    assert capsys.readouterr().out.startswith("single: correct; not exact: also blue square\n")
+    assert main(["shapes", "judge", str(path), "a red circle and a blue square", "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["correct"] and verdict["exact"] and verdict["extras"] == []
 
 
 def test_cli_eval_shapes_bad_input(tiny_model, tmp_path, capsys):

@@ -277,3 +277,41 @@ def test_kd_stage_switches_and_teacher_mismatch(kd_parts):
         stage.check_compatible()
     with pytest.raises(ConfigError, match="needs a teacher"):
         kd_stage(kd_parts, teacher=None)
+
+
+def test_kd_applies_only_at_the_resolutions_the_teacher_teaches(kd_parts):
+    """A progressive run whose teacher knows only the last size: ``kd_resolutions`` keeps the
+    teacher out of the earlier phase (task loss alone, no teacher call) and in the later one."""
+    from training.config import ConfigError, parse_config, parse_stage_options
+    from training.stages import stage_class
+
+    def progressive(**options):
+        config = parse_config({
+            "stage": "kd", "out_dir": str(kd_parts / "run-progressive"), "max_steps": 4, "batch_size": 2,
+            "data": {"kind": "shapes", "length": 4, "resolution": 32, "resolution_schedule": [[0, 16], [2, 32]]},
+            "stage_options": {"autoencoder": str(kd_parts / "ae"), "unet": "snapgen-tiny",
+                              "teacher": str(kd_parts / "teacher"), "cache": "off", "cfg_dropout": 0.0, **options},
+        })  # fmt: skip
+        cls = stage_class("kd")
+        return cls(config, parse_stage_options(config, cls.Options), torch.device("cpu")), config
+
+    stage, _ = progressive()
+    with pytest.raises(ConfigError, match="student at 8"):  # 16 px -> 8x8 latents: untaught size
+        stage.check_compatible()
+    stage, _ = progressive(kd_resolutions=[16, 32])
+    with pytest.raises(ConfigError, match="student at 8"):
+        stage.check_compatible()
+    stage, config = progressive(kd_resolutions=[32])
+    stage.check_compatible()
+    calls = []
+    stage.teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    for resolution, taught in ((16, False), (32, True)):
+        stage.resolution = resolution
+        config.data.resolution = resolution
+        batch = fixed_batch(config)
+        torch.manual_seed(0)
+        _, metrics = stage.loss("model", batch, 0)
+        assert ("kd_out" in metrics) is taught and len(calls) == int(taught)
+    stage, _ = progressive(kd_resolutions=[64])
+    with pytest.raises(ConfigError, match="kd_resolutions"):
+        stage.check_compatible()

@@ -151,9 +151,12 @@ def cmd_judge(args) -> None:
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.json:
-        print(json.dumps({"correct": result.correct, "category": result.category, **result.details}, indent=2))
+        verdict = {"correct": result.correct, "exact": result.exact, "category": result.category}
+        print(json.dumps({**verdict, **result.details}, indent=2))
     else:
         verdict = "correct" if result.correct else f"wrong ({result.details.get('reason', '')})"
+        if result.extras:
+            verdict += f"; not exact: also {', '.join(result.extras)}"
         print(f"{result.category}: {verdict}")
         for d in result.details["detections"]:
             print(f"  {d['color']} {d['shape']} at {d['center']} (area {d['area']}, iou {d['iou']})")

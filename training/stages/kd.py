@@ -42,6 +42,10 @@ class KDOptions(PretrainOptions):
     feature_kd_weight: float = Field(1.0, ge=0)
     projector_hidden: int | None = Field(None, gt=0)  # default: the student's feature channels
     timestep_aware_scaling: bool = True
+    # Resolutions (pixels) at which the KD terms apply; default: every resolution of the run.
+    # Elsewhere the step is the task loss alone: a teacher is only a good target at the sizes
+    # it was trained at (check_teacher refuses a KD resolution it was not).
+    kd_resolutions: list[int] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> KDOptions:
@@ -82,9 +86,11 @@ class TeacherText:
         return self.encoder.encode(batch["captions"]).to(device=self.device)
 
 
-def check_teacher(teacher: TeacherAdapter, stage, token_dim: int, pooled_dim: int | None) -> None:
-    """The teacher must read the student's latents at every resolution of the run."""
-    for resolution in stage.config.data.resolutions():
+def check_teacher(
+    teacher: TeacherAdapter, stage, token_dim: int, pooled_dim: int | None, resolutions: list[int] | None = None
+) -> None:
+    """The teacher must read the student's latents at every resolution it teaches at (default: all of the run's)."""
+    for resolution in resolutions or stage.config.data.resolutions():
         check_teacher_compatible(
             teacher, stage.inputs.latent_channels, resolution // stage.inputs.factor, token_dim, pooled_dim
         )
@@ -118,8 +124,12 @@ class KDStage(PretrainStage):
         super().check_compatible()
         if self.teacher is not None:
             token_dim, pooled_dim = self.teacher_text.dims(self.inputs)
+            run = self.config.data.resolutions()
+            taught = self.options.kd_resolutions
+            if taught and not set(taught) <= set(run):
+                raise ConfigError(f"stage kd: kd_resolutions {taught} are not all trained at (the run's: {run})")
             try:
-                check_teacher(self.teacher, self, token_dim, pooled_dim)
+                check_teacher(self.teacher, self, token_dim, pooled_dim, taught)
             except ValueError as e:
                 raise ConfigError(f"stage kd: {e}") from None
 
@@ -132,10 +142,11 @@ class KDStage(PretrainStage):
             batch = drop_captions(batch, self.inputs, o.cfg_dropout)
             text = self.inputs.text(batch, 0.0)
         net = self.model["net"]
-        use_features = self.teacher is not None and self.weights["feat"] > 0
+        teaching = self.teacher is not None and (not o.kd_resolutions or self.resolution in o.kd_resolutions)
+        use_features = teaching and self.weights["feat"] > 0
         out = net(x_t, t, text.tokens, text.mask, text.pooled, return_features=use_features)
         task = flow_matching_loss(out.sample, x0, noise)
-        if self.teacher is None:
+        if not teaching:
             loss = task.mean()
             return loss, {"loss": loss.item(), "task": loss.item()}
 
