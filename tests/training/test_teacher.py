@@ -115,6 +115,14 @@ def test_load_teacher_from_saved_directories(tmp_path):
     (tmp_path / "sd3" / "teacher.json").write_text(json.dumps({"trained_latent_sizes": [8, 16]}))
     assert load_teacher(tmp_path / "sd3").trained_sizes == (8, 16)
     assert isinstance(load_teacher(tmp_path / "unet"), UNetTeacherAdapter)
+    # A snapgen model directory (a progressive run's product) lists the sizes it was trained at.
+    build_unet("snapgen-tiny").save_pretrained(tmp_path / "model" / "unet", safe_serialization=True)
+    index = {"latent_factor": 8, "resolutions": [[128, 128], [64, 64]]}
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    assert load_teacher(tmp_path / "model").trained_sizes == (8, 16)
+    # fp16 weights on disk (a committed product) load as an fp32 teacher.
+    build_unet("snapgen-tiny").half().save_pretrained(tmp_path / "half" / "unet", safe_serialization=True)
+    assert load_teacher(tmp_path / "half").dtype == torch.float32
     with pytest.raises(FileNotFoundError):
         load_teacher(tmp_path / "missing")
     (tmp_path / "other").mkdir()

@@ -92,8 +92,9 @@ run_all() {  # the wanted stages among the arguments: side by side with PARALLEL
     return 0
 }
 
-# Products the wanted stages read, even when their own stage is not wanted this time.
-for name in autoencoder decoder teacher kd kd-baseline; do
+# Every product there is, also of the stages not wanted this time (later stages and
+# shapes_eval.sh read them).
+for name in "${!RUN_PRODUCT[@]}"; do
     wanted "$name" || resolve "$name" > /dev/null || true
 done
 

@@ -11,20 +11,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
-MODELS="${MODELS:-teacher pretrain-4k kd pretrain pretrain4 ladd4 ladd8}"
+MODELS="${MODELS:-teacher kd-baseline kd ladd4 ladd8 ladd-baseline4 ladd-noadv4 default4 default8}"
 PARALLEL="${PARALLEL:-1}"
 OUT=runs/shapes/eval
 mkdir -p "$OUT"
 
-P=runs/shapes/pretrain
+# Each stage's product as the recipe links it (runs/shapes/products/, see shapes.sh); default*: the
+# shipped model.
+P=runs/shapes/products D=snapgen/assets/snapgen-shapes
 declare -A MODEL=(
-    [teacher]=runs/shapes/teacher/teacher [pretrain-4k]=$P/model-4000steps [kd]=runs/shapes/kd/model
-    [pretrain]=$P/model [pretrain4]=$P/model [ladd4]=runs/shapes/ladd/model [ladd8]=runs/shapes/ladd/model
+    [teacher]=$P/teacher [kd-baseline]=$P/kd-baseline [kd]=$P/kd [ladd4]=$P/ladd [ladd8]=$P/ladd
+    [ladd-baseline4]=$P/ladd-baseline [ladd-noadv4]=$P/ladd-noadv [default4]=$D [default8]=$D
 )
-# The teacher and the 28-step students sample with guidance 3 (their exported default), pretrain4
-# too (the parent at the default's step count, not step-distilled); the LADD students are
-# step-distilled to sample without it. pretrain-4k and kd: the KD comparison at equal steps.
-declare -A STEPS=([teacher]=28 [pretrain-4k]=28 [kd]=28 [pretrain]=28 [pretrain4]=4 [ladd4]=4 [ladd8]=8)
+# The teacher and the KD pair sample with guidance 3 (their exported default) at 28 steps: the
+# KD comparison at equal steps. The LADD students are step-distilled to sample without guidance.
+declare -A STEPS=(
+    [teacher]=28 [kd-baseline]=28 [kd]=28 [ladd4]=4 [ladd8]=8 [ladd-baseline4]=4 [ladd-noadv4]=4
+    [default4]=4 [default8]=8
+)
 
 evaluate() {
     local name=$1
