@@ -43,7 +43,7 @@ declare -A RUN_PRODUCT=(
 )
 declare -A COMMITTED=(
     [autoencoder]=snapgen/assets/snapgen-shapes/autoencoder [decoder]=snapgen/assets/snapgen-shapes/decoder
-    [teacher]=training/products/shapes/teacher [kd]=training/products/shapes/kd
+    [teacher]=training/products/shapes/teacher
 )
 
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }

@@ -5,8 +5,9 @@
 
 Without a group: two tables, the recipe's products (and the earlier runs they replaced), then the
 trials: runs outside the recipe, each one change against a recipe run at equal steps or compute.
-With one (a key of docs/results-runs.json): its table, then its exact-objects table per category. Which runs, and
-what each one is, are listed in docs/results-runs.json (their history belongs with the results).
+With one (a key of docs/results-runs.json): its table, then its exact-objects table per category.
+Which runs, and what each one is, are listed in docs/results-runs.json (their history belongs with
+the results).
 """
 
 from __future__ import annotations

@@ -37,31 +37,31 @@ def evaluation_prompts(n: int = 600, seed: int = 0, n_held_out: int | None = Non
     return items
 
 
+# What each record counts towards: the GenEval-style rule, the strict rule, extra objects drawn.
+_RULES = {
+    "correct": lambda r: r["correct"],
+    "exact": lambda r: r["exact"],
+    "with_extras": lambda r: r["extra_objects"] > 0,
+}
+
+
 def _summary(records: list[dict]) -> dict:
     """Per category and overall (the mean of the categories present): ``accuracy`` by the GenEval-style
     rule, ``exact`` (the share with exactly the requested objects and nothing else) and
     ``extra_rate`` (the share with at least one object beyond the requested ones)."""
-
-    def per_category(key) -> tuple[dict, float | None]:
-        shares = {}
-        for category in CATEGORIES:
-            mine = [key(r) for r in records if r["category"] == category]
-            shares[category] = sum(mine) / len(mine) if mine else None
-        present = [a for a in shares.values() if a is not None]
-        return shares, (sum(present) / len(present) if present else None)
-
-    accuracy, overall = per_category(lambda r: r["correct"])
-    exact, exact_overall = per_category(lambda r: r["exact"])
-    extra_rate, extra_overall = per_category(lambda r: r["extra_objects"] > 0)
     counts = {}
     for category in CATEGORIES:
         mine = [r for r in records if r["category"] == category]
-        counts[category] = {
-            "correct": sum(r["correct"] for r in mine),
-            "exact": sum(r["exact"] for r in mine),
-            "with_extras": sum(r["extra_objects"] > 0 for r in mine),
-            "total": len(mine),
-        }
+        counts[category] = {name: sum(rule(r) for r in mine) for name, rule in _RULES.items()} | {"total": len(mine)}
+
+    def shares(name: str) -> tuple[dict, float | None]:
+        per = {c: n[name] / n["total"] if n["total"] else None for c, n in counts.items()}
+        present = [a for a in per.values() if a is not None]
+        return per, (sum(present) / len(present) if present else None)
+
+    (accuracy, overall), (exact, exact_overall), (extra_rate, extra_overall) = map(
+        shares, ("correct", "exact", "with_extras")
+    )
     return {
         "accuracy": accuracy, "overall": overall,
         "exact": exact, "exact_overall": exact_overall,

@@ -195,9 +195,13 @@ class LADDStage(PretrainStage):
             distilled_timesteps=times,
         )
 
+    @property
+    def _disc_backbone(self):
+        """What the heads read: the discriminator's trained copy of the teacher, or the frozen teacher."""
+        return self.teacher if self.discriminator.backbone is None else self.discriminator.backbone
+
     def _discriminate(self, z: torch.Tensor, t: torch.Tensor, text) -> list[torch.Tensor]:
-        backbone = self.discriminator.backbone or self.teacher
-        layers = backbone(z, t, text, return_layers=self.discriminator.layers).layers
+        layers = self._disc_backbone(z, t, text, return_layers=self.discriminator.layers).layers
         return self.discriminator(layers, t)
 
     def _generate(self, batch: Batch) -> dict:
@@ -298,7 +302,7 @@ class LADDStage(PretrainStage):
         trained = self.discriminator.backbone is not None
         # A frozen backbone needs no graph: neither input needs a gradient.
         with contextlib.nullcontext() if trained else torch.no_grad():
-            layers = (self.discriminator.backbone or self.teacher)(
+            layers = self._disc_backbone(
                 torch.cat([real, fake]),
                 torch.cat([t_r, t_r]),
                 concat_text(g["text"], g["text"]),
