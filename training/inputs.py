@@ -48,7 +48,15 @@ CACHE_CHUNK = 64  # images / captions per encoder call while filling the cache
 def build_text_encoder(spec: str) -> TextEncoder:
     """``minilm`` (the packaged all-MiniLM-L6-v2), ``minilm:layers=0,6`` (its tokens from those
     hidden states, concatenated; see ``MiniLMTextEncoder``) or a directory written by
-    ``save_text_encoder`` (CLIP-L/CLIP-G/Gemma-2 merged encoders for the real recipe)."""
+    ``save_text_encoder`` (CLIP-L/CLIP-G/Gemma-2 merged encoders for the real recipe), or
+    ``table:FILE``: an encoder's saved embeddings of a fixed set of prompts (``training.text_table``)."""
+    if spec.startswith("table:"):
+        from .text_table import TableTextEncoder
+
+        try:
+            return TableTextEncoder(spec.removeprefix("table:"))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"text_encoder {spec!r}: {e}") from e
     if spec == "minilm":
         return MiniLMTextEncoder()
     if spec.startswith("minilm:"):
@@ -64,7 +72,7 @@ def build_text_encoder(spec: str) -> TextEncoder:
         except ValueError as e:
             raise ConfigError(f"text_encoder {spec!r}: {e}") from e
     if not Path(spec).is_dir():
-        raise ConfigError(f"text_encoder {spec!r}: neither 'minilm' nor a saved text-encoder directory")
+        raise ConfigError(f"text_encoder {spec!r}: neither 'minilm', 'table:FILE' nor a saved text-encoder directory")
     return load_text_encoder(spec)
 
 

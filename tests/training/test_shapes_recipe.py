@@ -18,9 +18,10 @@ from training.stages import stage_class
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "shapes").glob("*.yaml"))
+GPU_CONFIGS = sorted((ROOT / "configs" / "shapes-gpu").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CONFIGS + GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_shapes_config_parses_with_its_stage_options(path):
     config = load_config(path)
     parse_stage_options(config, stage_class(config.stage).Options)
@@ -39,6 +40,28 @@ def test_the_recipe_reads_every_product_from_the_products_folder():
     kd, base = (yaml.safe_load((ROOT / "configs/shapes" / f).read_text()) for f in ("kd.yaml", "kd-baseline.yaml"))
     assert base["stage_options"].pop("kd") is False and kd["stage_options"].pop("kd") is True
     assert {k: v for k, v in base.items() if k != "out_dir"} == {k: v for k, v in kd.items() if k != "out_dir"}
+
+
+def test_the_gpu_recipe_is_the_cpu_recipe_at_a_larger_batch():
+    """configs/shapes-gpu/NAME.yaml differs from configs/shapes/NAME.yaml only in its folders, the text
+    table in MiniLM's place, the device and the batch/steps/data-loading knobs."""
+    assert sorted(p.stem for p in GPU_CONFIGS) == ["kd", "kd-baseline", "ladd", "ladd-baseline"]
+    scale = {"max_steps", "batch_size", "ckpt_every", "sample_every", "num_workers", "cpu_threads", "device"}
+    for gpu_path in GPU_CONFIGS:
+        cpu, gpu = (yaml.safe_load(p.read_text()) for p in (ROOT / "configs/shapes" / gpu_path.name, gpu_path))
+        assert gpu["device"] == "cuda" and gpu["out_dir"] == cpu["out_dir"].replace("runs/shapes/", "runs/shapes-gpu/")
+        assert gpu["stage_options"].pop("text_encoder") == "table:build/shapes-gpu/text-table.safetensors"
+        assert cpu["stage_options"].pop("text_encoder") == "minilm:layers=0,6"
+        paths = {k: v.replace("runs/shapes/", "runs/shapes-gpu/") if isinstance(v, str) else v
+                 for k, v in cpu["stage_options"].items()}  # fmt: skip
+        assert gpu["stage_options"] == paths, gpu_path.name
+        for key in ("seed", "stage", "ema"):
+            assert gpu[key] == cpu[key], (gpu_path.name, key)
+        assert {k: v for k, v in gpu["optim"].items() if k != "warmup_steps"} == {
+            k: v for k, v in cpu["optim"].items() if k != "warmup_steps"}
+        assert {k: v for k, v in gpu["data"].items() if k not in ("length", "resolution_schedule")} == {
+            k: v for k, v in cpu["data"].items() if k not in ("length", "resolution_schedule")}
+        assert set(gpu) - scale - {"out_dir", "stage_options", "optim", "data"} <= set(cpu)
 
 
 FAKE_TRAINER = """#!/usr/bin/env bash
@@ -123,6 +146,12 @@ def test_an_interrupted_stage_resumes_and_the_ablations_run_side_by_side(layout)
 
 
 def test_ship_swaps_the_product_in_whole_and_keeps_the_encoder(layout):
+    # The committed teacher shares the old default's U-Net weights through a link into the package.
+    (layout / "snapgen/assets/snapgen-shapes/unet").mkdir()
+    (layout / "snapgen/assets/snapgen-shapes/unet/weights").write_text("the old default")
+    (layout / "training/products/shapes/teacher/unet").mkdir()
+    (layout / "training/products/shapes/teacher/unet/weights").symlink_to(
+        "../../../../../snapgen/assets/snapgen-shapes/unet/weights")
     (layout / "runs/shapes/ladd/model/unet").mkdir(parents=True)
     (layout / "runs/shapes/ladd/model/model_index.json").write_text("{}")
     (layout / "runs/shapes/ladd/DONE").write_text("1 s\n")
@@ -131,6 +160,8 @@ def test_ship_swaps_the_product_in_whole_and_keeps_the_encoder(layout):
     assets = layout / "snapgen/assets/snapgen-shapes"
     assert calls == [] and sorted(p.name for p in assets.iterdir()) == ["autoencoder", "model_index.json", "unet"]
     assert (assets / "autoencoder" / "committed").exists() and not assets.is_symlink()
+    teacher_weights = layout / "training/products/shapes/teacher/unet/weights"
+    assert teacher_weights.read_text() == "the old default" and not teacher_weights.is_symlink()
     assert not (layout / "snapgen/assets/snapgen-shapes.old").exists()
     result, _ = run_recipe(layout, "ship", PRODUCT="runs/shapes/nothing")
     assert result.returncode == 1 and "no LADD product" in result.stderr

@@ -109,7 +109,8 @@ def test_text_encoder_specs():
         ("minilm:layers=a,b", "write minilm:layers=I,J"),
         ("minilm:depth=2", "write minilm:layers=I,J"),
         ("minilm:layers=9", "hidden-state indices 0..6"),
-        ("no/such/dir", "neither 'minilm' nor a saved text-encoder directory"),
+        ("no/such/dir", "neither 'minilm', 'table:FILE' nor a saved text-encoder directory"),
+        ("table:no/such.safetensors", "text table not found"),
     ]:
         with pytest.raises(ConfigError, match=message):
             build_text_encoder(bad)

@@ -26,20 +26,24 @@
 # With PARALLEL=1 (the default) independent stages run side by side, one core each
 # (cpu_threads: 1 in their configs): kd beside kd-baseline, ladd beside ladd-baseline.
 # Wall time of each stage goes to runs/shapes/NAME/DONE; logs to runs/shapes/NAME.log.
+# CONFIGS and RUNS name another set of configs and the folder their out_dirs are in (the GPU
+# recipe, training/recipes/shapes_gpu.py: CONFIGS=configs/shapes-gpu RUNS=runs/shapes-gpu).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
+CONFIGS="${CONFIGS:-configs/shapes}"
+R="${RUNS:-runs/shapes}"
 STAGES="${STAGES:-autoencoder decoder teacher kd ladd ship}"
 RETRAIN="${RETRAIN:-}"
 PARALLEL="${PARALLEL:-1}"
-mkdir -p runs/shapes/products
+mkdir -p "${R}/products"
 
 # Where each stage's run leaves its product, and the committed copy (fp16 weights where large).
 declare -A RUN_PRODUCT=(
-    [autoencoder]=runs/shapes/autoencoder/autoencoder [decoder]=runs/shapes/decoder/decoder
-    [teacher]=runs/shapes/teacher/model [kd]=runs/shapes/kd/model [kd-baseline]=runs/shapes/kd-baseline/model
-    [ladd]=runs/shapes/ladd/model [ladd-baseline]=runs/shapes/ladd-baseline/model
-    [ladd-noadv]=runs/shapes/ladd-noadv/model
+    [autoencoder]=${R}/autoencoder/autoencoder [decoder]=${R}/decoder/decoder
+    [teacher]=${R}/teacher/model [kd]=${R}/kd/model [kd-baseline]=${R}/kd-baseline/model
+    [ladd]=${R}/ladd/model [ladd-baseline]=${R}/ladd-baseline/model
+    [ladd-noadv]=${R}/ladd-noadv/model
 )
 declare -A COMMITTED=(
     [autoencoder]=snapgen/assets/snapgen-shapes/autoencoder [decoder]=snapgen/assets/snapgen-shapes/decoder
@@ -49,15 +53,15 @@ declare -A COMMITTED=(
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 retrain() { [[ " $RETRAIN " == *" $1 "* ]]; }
 
-link_product() {  # NAME TARGET: runs/shapes/products/NAME -> TARGET
-    ln -sfn "$(realpath --relative-to=runs/shapes/products "$2")" "runs/shapes/products/$1"
+link_product() {  # NAME TARGET: ${RUNS}/products/NAME -> TARGET
+    ln -sfn "$(realpath --relative-to="${R}/products" "$2")" "${R}/products/$1"
 }
 
 resolve() {  # NAME: link the product if there is one; 0 if the stage need not run
     local name=$1 committed=${COMMITTED[$1]:-}
-    if [ -f "runs/shapes/${name}/DONE" ] && [ -e "${RUN_PRODUCT[$name]}" ]; then
+    if [ -f "${R}/${name}/DONE" ] && [ -e "${RUN_PRODUCT[$name]}" ]; then
         link_product "$name" "${RUN_PRODUCT[$name]}"
-        echo "== ${name}: done already (runs/shapes/${name}/DONE)"
+        echo "== ${name}: done already (${R}/${name}/DONE)"
         return 0
     fi
     if [ -n "$committed" ] && [ -e "$committed" ] && ! retrain "$name"; then
@@ -68,15 +72,15 @@ resolve() {  # NAME: link the product if there is one; 0 if the stage need not r
     return 1
 }
 
-run_stage() {  # NAME: configs/shapes/NAME.yaml -> runs/shapes/NAME, trained as the stage the config names
-    local name=$1 config="configs/shapes/$1.yaml" out="runs/shapes/$1" stage
+run_stage() {  # NAME: ${CONFIGS}/NAME.yaml -> ${R}/NAME, trained as the stage the config names
+    local name=$1 config="${CONFIGS}/$1.yaml" out="${R}/$1" stage
     resolve "$name" && return 0
     stage=$(sed -n 's/^stage: *//p' "$config")
     echo "== ${name}: start $(date -u +%FT%TZ)"
     local start resume=()
     start=$(date +%s)
     [ -d "${out}/checkpoints" ] && resume=(--resume)
-    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" >> "runs/shapes/${name}.log" 2>&1
+    "$SNAPGEN" train "$stage" --config "$config" "${resume[@]}" >> "${R}/${name}.log" 2>&1
     echo "$(( $(date +%s) - start )) s" > "${out}/DONE"
     link_product "$name" "${RUN_PRODUCT[$name]}"
     echo "== ${name}: done $(date -u +%FT%TZ) ($(cat "${out}/DONE"))"
@@ -105,14 +109,20 @@ run_all kd kd-baseline
 run_all ladd ladd-baseline ladd-noadv
 
 if wanted ship; then
-    product=${PRODUCT:-runs/shapes/ladd/model} assets=snapgen/assets/snapgen-shapes
+    product=${PRODUCT:-${R}/ladd/model} assets=snapgen/assets/snapgen-shapes
     [ -f "${product}/model_index.json" ] || { echo "== ship: no LADD product at ${product}" >&2; exit 1; }
     # Copied beside the target and swapped in, so an interrupted copy never leaves half a model.
     rm -rf "${assets}.new" "${assets}.old"
     cp -rL "$product" "${assets}.new"
     # The encoder travels with the default, so it can be trained on (image-to-image, fine-tuning).
-    [ -d "${assets}.new/autoencoder" ] || cp -rL runs/shapes/products/autoencoder "${assets}.new/autoencoder"
+    [ -d "${assets}.new/autoencoder" ] || cp -rL "${R}/products/autoencoder" "${assets}.new/autoencoder"
     chmod -R a+rX "${assets}.new"
+    # Committed products that share the default's weight files (links into the package, such as the
+    # teacher, which is the default U-Net) keep the old default's: the links become copies first.
+    find training/products -type l 2>/dev/null | while read -r link; do
+        target=$(readlink -f "$link")
+        case "$target" in "$(realpath "$assets")"/*) cp --remove-destination "$target" "$link" ;; esac
+    done
     [ -d "$assets" ] && mv "$assets" "${assets}.old"
     mv "${assets}.new" "$assets"
     rm -rf "${assets}.old"

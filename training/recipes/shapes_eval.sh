@@ -7,18 +7,19 @@
 #
 # Reports (JSON, one record per prompt) and sample grids go to runs/shapes/eval/; the table in
 # docs/results.md comes from `python training/recipes/shapes_table.py runs/shapes/eval`.
-# With PARALLEL=1 (default) two evaluations run at a time, one thread each.
+# With PARALLEL=1 (default) two evaluations run at a time, one thread each. PRODUCTS and EVAL_OUT
+# name other products and reports (the GPU recipe's: runs/shapes-gpu/products, runs/shapes-gpu/eval).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SNAPGEN="${SNAPGEN:-.venv/bin/snapgen}"
 MODELS="${MODELS:-teacher kd-baseline kd ladd4 ladd8 ladd-baseline4 ladd-noadv4 default4 default8}"
 PARALLEL="${PARALLEL:-1}"
-OUT=runs/shapes/eval
+OUT="${EVAL_OUT:-runs/shapes/eval}"
 mkdir -p "$OUT"
 
 # Each stage's product as the recipe links it (runs/shapes/products/, see shapes.sh); default*: the
 # shipped model.
-P=runs/shapes/products D=snapgen/assets/snapgen-shapes
+P="${PRODUCTS:-runs/shapes/products}" D=snapgen/assets/snapgen-shapes
 declare -A MODEL=(
     [teacher]=$P/teacher [kd-baseline]=$P/kd-baseline [kd]=$P/kd [ladd4]=$P/ladd [ladd8]=$P/ladd
     [ladd-baseline4]=$P/ladd-baseline [ladd-noadv4]=$P/ladd-noadv [default4]=$D [default8]=$D
