@@ -21,8 +21,14 @@ LOW, HIGH = 0.4, 0.9
 
 
 def accuracy(run: Path) -> list[tuple[int, float]]:
-    rows = csv.DictReader((run / "metrics.csv").open())
-    return [(int(r["step"]), float(r["value"])) for r in rows if r["metric"] == "d_accuracy"]
+    metrics = run / "metrics.csv"
+    if not metrics.is_file():
+        sys.exit(f"{run}: no metrics.csv (a LADD run's folder, such as runs/shapes/ladd, has one)")
+    rows = csv.DictReader(metrics.open())
+    points = [(int(r["step"]), float(r["value"])) for r in rows if r["metric"] == "d_accuracy"]
+    if not points:
+        sys.exit(f"{metrics}: no d_accuracy rows (is {run} a LADD run?)")
+    return points
 
 
 def chart(runs: list[Path]) -> Image.Image:
