@@ -201,12 +201,37 @@ def write_atomically(path: Path, fill) -> Path:
 
 def save_component(model, path: Path) -> None:
     """``save_pretrained`` (safetensors) without ``_name_or_path``: diffusers records where
-    ``from_pretrained`` read the model, a local path that means nothing in a shipped directory."""
+    ``from_pretrained`` read the model, a local path that means nothing in a shipped directory.
+
+    Weights that fp16 holds exactly (the default's, which ships in fp16) are written in fp16: half
+    the bytes and the same values. It also keeps a saved copy's pictures bit for bit its source's:
+    ``from_pretrained`` memory-maps an fp32 file but copies an fp16 one into fresh memory, and the
+    CPU kernels round differently on weights at different byte alignments."""
     model.save_pretrained(path, safe_serialization=True)
+    _store_in_fp16_if_exact(Path(path) / "diffusion_pytorch_model.safetensors")
     config_file = Path(path) / "config.json"
     config = json.loads(config_file.read_text())
     if config.pop("_name_or_path", None) is not None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _store_in_fp16_if_exact(weights: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if not weights.is_file():
+        return
+    tensors = load_file(weights)
+    floats = [t for t in tensors.values() if t.dtype == torch.float32]
+    if not floats or not all(torch.equal(t.half().float(), t) for t in floats):
+        return
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    half = {k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(half, tmp, metadata=metadata)
+    tmp.replace(weights)
 
 
 def component_entry(component) -> list[str]:

@@ -87,3 +87,25 @@ def test_default_model_carries_the_encoder_of_its_latent_space():
     assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2, (z.mean().item(), z.std().item())
     psnr = 10 * torch.log10(4 / ((recon - pixels) ** 2).mean()).item()
     assert psnr > 25, psnr
+
+
+def test_weights_that_fp16_holds_exactly_are_saved_in_fp16_and_others_are_not(tmp_path):
+    from safetensors.torch import load_file
+
+    from snapgen.model_dir import save_model
+
+    pipe = load_pipeline()  # the default's U-Net ships in fp16 and loads as fp32
+    saved = save_model(tmp_path / "copy", pipe.unet, pipe.decoder.model, pipe.text_encoder, pipe.sampler)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (saved / weights).read_bytes() == (DEFAULT_MODEL_DIR / weights).read_bytes()
+    # The copy draws the default's pictures bit for bit.
+    copy_image = load_pipeline(saved)("a red circle", seeds=1, output_type="np").images[0]
+    assert (copy_image == pipe("a red circle", seeds=1, output_type="np").images[0]).all()
+    # One weight off the fp16 grid keeps the whole U-Net in fp32, so nothing is rounded.
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] += 1e-6
+    resaved = save_model(tmp_path / "changed", pipe.unet, pipe.decoder.model, pipe.text_encoder, pipe.sampler)
+    tensors = load_file(resaved / weights)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    state = pipe.unet.state_dict()
+    assert all(torch.equal(tensors[k], state[k]) for k in tensors)

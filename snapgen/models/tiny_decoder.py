@@ -32,8 +32,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .owned_weights import OwnedWeightsMixin
-
 # SD3's VAE latent statistics: the default decoder is a drop-in for SD3-style 16-ch latents.
 SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
@@ -88,7 +86,7 @@ class SeparableResBlock(nn.Module):
         return x + self.pw2(self.dw2(self.act(self.pw1(self.dw1(x)))))
 
 
-class TinyDecoder(OwnedWeightsMixin, ModelMixin, ConfigMixin):
+class TinyDecoder(ModelMixin, ConfigMixin):
     r"""Latent -> RGB decoder, ~1.4 M params for 16-ch latents with factor 8 (the default).
 
     Args:

@@ -34,7 +34,6 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .blocks import Downsample, ResBlock, SpatialTransformer, Upsample, timestep_sinusoids
-from .owned_weights import OwnedWeightsMixin
 
 
 @dataclass
@@ -60,7 +59,7 @@ class _Stage(nn.Module):
         self.resample = resample
 
 
-class SnapGenUNet(OwnedWeightsMixin, ModelMixin, ConfigMixin):
+class SnapGenUNet(ModelMixin, ConfigMixin):
     """U-Net ``(latents, t, text) -> velocity``; see the module docstring for the switches."""
 
     _supports_gradient_checkpointing = True
