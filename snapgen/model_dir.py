@@ -208,26 +208,30 @@ def save_component(model, path: Path) -> None:
     ``from_pretrained`` memory-maps an fp32 file but copies an fp16 one into fresh memory, and the
     CPU kernels round differently on weights at different byte alignments."""
     model.save_pretrained(path, safe_serialization=True)
-    _store_in_fp16_if_exact(Path(path) / "diffusion_pytorch_model.safetensors")
+    if _exact_in_fp16(model):
+        _rewrite_in_fp16(Path(path) / "diffusion_pytorch_model.safetensors")
     config_file = Path(path) / "config.json"
     config = json.loads(config_file.read_text())
     if config.pop("_name_or_path", None) is not None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _store_in_fp16_if_exact(weights: Path) -> None:
+def _exact_in_fp16(model) -> bool:
+    """Whether every float32 weight is on the fp16 grid (decided in memory; stops at the first that is not)."""
+    import torch
+
+    floats = [t for t in model.state_dict().values() if t.dtype == torch.float32]
+    return bool(floats) and all(torch.equal(t.half().float(), t) for t in floats)
+
+
+def _rewrite_in_fp16(weights: Path) -> None:
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    if not weights.is_file():
-        return
-    tensors = load_file(weights)
-    floats = [t for t in tensors.values() if t.dtype == torch.float32]
-    if not floats or not all(torch.equal(t.half().float(), t) for t in floats):
-        return
     with safe_open(weights, "pt") as f:
-        metadata = f.metadata()
+        metadata, names = f.metadata(), f.keys()
+        tensors = {k: f.get_tensor(k) for k in names}
     half = {k: t.half() if t.dtype == torch.float32 else t for k, t in tensors.items()}
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(half, tmp, metadata=metadata)

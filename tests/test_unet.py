@@ -276,4 +276,3 @@ def test_unknown_config_name():
     with pytest.raises(ValueError, match="snapgen-379m"):
         build_unet("snapgen-9000m")
     assert "snapgen-shapes" in UNET_CONFIGS
-

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from snapgen.text import TextEmbeddings, TextEncoder, _check_prompts
 
@@ -45,11 +46,9 @@ class TableTextEncoder(TextEncoder):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"text table not found: {self.path}")
-        tensors = load_file(self.path)
-        from safetensors import safe_open
-
         with safe_open(self.path, "pt") as f:
-            meta = f.metadata() or {}
+            meta, names = f.metadata() or {}, f.keys()
+            tensors = {k: f.get_tensor(k) for k in names}
         try:
             prompts = json.loads(meta["prompts"])
             self.source_config = json.loads(meta["encoder"])
