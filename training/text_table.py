@@ -147,12 +147,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="a recipe config whose data's captions (and sample prompts) go in")  # fmt: skip
     parser.add_argument("--prompts", type=Path, help="a file of further prompts, one per line")
     args = parser.parse_args(argv)
+    from .config import ConfigError
+
     prompts: set[str] = set()
-    for config in args.config:
-        prompts |= config_prompts(config)
-    if args.prompts:
-        prompts |= {line.strip() for line in args.prompts.read_text().splitlines() if line.strip()}
-    path = build_text_table(build_text_encoder(args.encoder), prompts, args.out)
+    try:
+        for config in args.config:
+            prompts |= config_prompts(config)
+        if args.prompts:
+            prompts |= {line.strip() for line in args.prompts.read_text().splitlines() if line.strip()}
+        encoder = build_text_encoder(args.encoder)
+    except (ConfigError, ValueError, OSError) as e:
+        raise SystemExit(f"python -m training.text_table: {e}") from None
+    path = build_text_table(encoder, prompts, args.out)
     print(f"{path}: {len(prompts | {''})} prompts, {path.stat().st_size / 2**20:.1f} MiB")
 
 

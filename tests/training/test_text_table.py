@@ -77,3 +77,11 @@ def test_the_command_collects_a_configs_captions_and_a_prompt_file(tmp_path, cap
     assert set(table.row) == captions | set(SHAPES_PROMPTS) | {"a red circle", "a green square", ""}
     assert f"{len(table.row)} prompts" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_command_names_a_missing_config_or_a_bad_encoder(tmp_path):
+    with pytest.raises(SystemExit, match="nope.yaml not found"):
+        main([str(tmp_path / "t.safetensors"), "--encoder", "minilm", "--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(SystemExit, match="text_encoder 'bogus'"):
+        main([str(tmp_path / "t.safetensors"), "--encoder", "bogus"])
+    assert not list(tmp_path.iterdir())
